@@ -1,0 +1,71 @@
+"""PNG figures of a run, so a user without a tracker sees the same story.
+
+- expert grid (the seed's figure): rows = epochs, columns = experts, one shared z per row;
+- loss curves: expected expert loss, balancing and total per epoch.
+matplotlib is imported here only, with the Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def tile(images_RCHW: np.ndarray) -> np.ndarray:
+    """[rows, cols, H, W] -> one [rows*H, cols*W] image."""
+    R, C, H, W = images_RCHW.shape
+    return images_RCHW.transpose(0, 2, 1, 3).reshape(R * H, C * W)
+
+
+def save_expert_grid(
+    rows: Sequence[np.ndarray],
+    image_shape: tuple[int, int, int],
+    path: str | Path,
+    row_labels: Sequence[str],
+) -> None:
+    """rows: one [E, D] array per epoch (every expert decoding the same z), values in [0, 1]."""
+    plt = _pyplot()
+    C, H, W = image_shape
+    stack = np.stack(rows)  # [R, E, D]
+    R, E = stack.shape[:2]
+    images = stack.reshape(R, E, C, H, W).mean(axis=2)  # grey view of multi-channel images
+    fig_w = max(4.0, 0.5 * E + 1.0)
+    fig, ax = plt.subplots(figsize=(fig_w, max(2.0, 0.5 * R * fig_w / (0.5 * E + 1.0) + 0.8)))
+    ax.imshow(tile(images), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(np.arange(E) * W + W / 2, [str(e) for e in range(E)])
+    step = max(1, R // 25)  # keep the row labels readable for 100 epochs
+    ax.set_yticks(np.arange(0, R, step) * H + H / 2, [row_labels[r] for r in range(0, R, step)])
+    ax.set_xlabel("expert")
+    ax.set_ylabel("epoch")
+    ax.set_title("one shared z decoded by every expert")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_loss_curves(epochs: Sequence[dict], path: str | Path) -> None:
+    """One panel each for the expected expert loss, the balancing term and the total loss."""
+    plt = _pyplot()
+    x = [r["epoch"] for r in epochs]
+    keys = [("loss/expected", "expected expert loss"), ("loss/balancing", "balancing (variance)"),
+            ("loss/total", "total loss")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, (key, title) in zip(axes, keys, strict=True):
+        ax.plot(x, [r[key] for r in epochs], marker="o" if len(x) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

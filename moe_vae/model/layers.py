@@ -1,0 +1,77 @@
+"""Building blocks shared by the manager and the expert banks.
+
+Legend: E experts, B batch, I / O layer input / output features.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "elu": F.elu,
+    "leaky_relu": F.leaky_relu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}, expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class StackedLinear(nn.Module):
+    """E independent linear layers stored as one [E, I, O] weight: one batched matmul for all.
+
+    Initialised like nn.Linear (uniform ±1/sqrt(I) for weight and bias), expert by expert.
+    """
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight_EIO = nn.Parameter(torch.empty(num_experts, in_features, out_features))
+        self.bias_EO = nn.Parameter(torch.empty(num_experts, out_features))
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight_EIO, -bound, bound)
+        nn.init.uniform_(self.bias_EO, -bound, bound)
+
+    def forward(self, h: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
+        """h: [B, I] (one input shared by every expert) or [E, B, I] -> [E, B, O].
+
+        `experts` (indices) selects a subset of the stacked experts; h then has that many rows.
+        """
+        w_EIO, b_EO = self.weight_EIO, self.bias_EO
+        if experts is not None:
+            w_EIO, b_EO = w_EIO[experts], b_EO[experts]
+        E, I, O = w_EIO.shape
+        if h.dim() == 2:
+            # Shared input: every expert's layer is one [B, I] x [I, E*O] GEMM.
+            out_BEO = (h @ w_EIO.permute(1, 0, 2).reshape(I, E * O)).view(-1, E, O)
+            return out_BEO.transpose(0, 1) + b_EO[:, None, :]
+        return torch.baddbmm(b_EO[:, None, :], h, w_EIO)
+
+
+class StackedMLP(nn.Module):
+    """A stack of StackedLinear layers with an activation between them (none after the last)."""
+
+    def __init__(self, num_experts: int, widths: list[int], act: str) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            StackedLinear(num_experts, i, o) for i, o in zip(widths[:-1], widths[1:], strict=True)
+        )
+        self.act = activation(act)
+
+    def forward(self, h: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
+        for k, layer in enumerate(self.layers):
+            if k:
+                h = self.act(h)
+            h = layer(h, experts)
+        return h

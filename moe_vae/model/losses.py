@@ -1,0 +1,78 @@
+"""Loss terms of the mixture (docs: model.md).
+
+Legend: B batch, D flattened input, E experts, Z latent.
+Per expert i and input x: L_i(x) = −log p(x | z_i) + KL(q_i(z | x) || N(0, I)), one sample of z.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moe_vae.config.schema import LossConfig
+from moe_vae.model.mixture import MixtureOutput
+
+
+def gaussian_nll(x_BD: torch.Tensor, x_logits_EBD: torch.Tensor, std: float) -> torch.Tensor:
+    """−log N(x; sigmoid(logits), std² I), summed over pixels: [E, B]."""
+    mean_EBD = torch.sigmoid(x_logits_EBD)
+    sq = ((x_BD - mean_EBD) / std).pow(2).sum(-1)
+    d = x_BD.shape[-1]
+    return 0.5 * sq + d * (math.log(std) + 0.5 * math.log(2 * math.pi))
+
+
+def bernoulli_nll(x_BD: torch.Tensor, x_logits_EBD: torch.Tensor) -> torch.Tensor:
+    """−log Bernoulli(x; sigmoid(logits)), summed over pixels: [E, B] (x may be grey, in [0, 1])."""
+    target = x_BD.expand_as(x_logits_EBD)
+    return F.binary_cross_entropy_with_logits(x_logits_EBD, target, reduction="none").sum(-1)
+
+
+def kl_standard_normal(mu_EBZ: torch.Tensor, var_EBZ: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, var) || N(0, I)), summed over latent dims: [E, B]."""
+    return 0.5 * (var_EBZ + mu_EBZ.pow(2) - 1.0 - var_EBZ.log()).sum(-1)
+
+
+def expert_losses(x_BD: torch.Tensor, out: MixtureOutput, cfg: LossConfig) -> torch.Tensor:
+    """L_i(x) for every expert and input, [B, E]."""
+    if cfg.likelihood == "gaussian":
+        nll_EB = gaussian_nll(x_BD, out.x_logits_EBD, cfg.decoder_std)
+    else:
+        nll_EB = bernoulli_nll(x_BD, out.x_logits_EBD)
+    return (nll_EB + kl_standard_normal(out.mu_EBZ, out.var_EBZ)).transpose(0, 1)
+
+
+def expected_expert_loss(probs_BE: torch.Tensor, loss_BE: torch.Tensor) -> torch.Tensor:
+    """mean over the batch of Σ_i p_i(x) L_i(x)."""
+    return (probs_BE * loss_BE).sum(-1).mean()
+
+
+def mixture_nll(logits_BE: torch.Tensor, loss_BE: torch.Tensor) -> torch.Tensor:
+    """mean over the batch of −log Σ_i p_i(x) exp(−L_i(x)), computed stably in log space."""
+    return -torch.logsumexp(logits_BE.log_softmax(-1) - loss_BE, dim=-1).mean()
+
+
+def variance_balancing(probs_BE: torch.Tensor) -> torch.Tensor:
+    """Population variance across experts of importance_i = Σ_batch p_i(x)."""
+    return probs_BE.sum(0).var(unbiased=False)
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor  # what is minimised
+    expected: torch.Tensor  # expected expert loss (always reported)
+    mixture: torch.Tensor  # mixture negative log-likelihood (always reported)
+    balancing: torch.Tensor  # unweighted balancing term
+    loss_BE: torch.Tensor  # per-input per-expert L_i(x)
+
+
+def mixture_objective(x_BD: torch.Tensor, out: MixtureOutput, cfg: LossConfig) -> LossTerms:
+    """Total = (expected expert loss or mixture NLL) + balancing_weight * balancing."""
+    loss_BE = expert_losses(x_BD, out, cfg)
+    expected = expected_expert_loss(out.probs_BE, loss_BE)
+    mixture = mixture_nll(out.logits_BE, loss_BE)
+    balancing = variance_balancing(out.probs_BE)
+    main = expected if cfg.objective == "expected" else mixture
+    return LossTerms(main + cfg.balancing_weight * balancing, expected, mixture, balancing, loss_BE)

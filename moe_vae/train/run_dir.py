@@ -1,0 +1,31 @@
+"""The run directory: created before anything is computed, never overwritten by accident."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from moe_vae.config.schema import OutputConfig
+from moe_vae.errors import MoeVaeError
+
+
+class RunDirError(MoeVaeError):
+    """The output directory cannot be used (exists with outputs, or not writable)."""
+
+
+def prepare_run_dir(cfg: OutputConfig, default_name: str = "run") -> Path:
+    name = cfg.name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.dir).expanduser() / name
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+        raise RunDirError(
+            f"run directory {str(run_dir)!r} already holds outputs: choose another "
+            f"--output.name or pass --output.overwrite=true"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"cannot create run directory {str(run_dir)!r}: {err.strerror}") from None
+    if not os.access(run_dir, os.W_OK):
+        raise RunDirError(f"run directory {str(run_dir)!r} is not writable")
+    return run_dir
