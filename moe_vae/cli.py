@@ -30,11 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a mixture of VAEs",
-        description="Train a mixture of VAEs on one process (CPU or one GPU, chosen automatically).",
+        description="Train a mixture of VAEs on one process (CPU, or one GPU when present).",
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("--config", type=Path, help="YAML config file (default: the founding recipe)")
+    train.add_argument(
+        "--config", type=Path, help="YAML config file (default: the founding recipe)"
+    )
     train.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
@@ -50,15 +52,19 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    result = train(cfg, run_name=args.config.stem if args.config else "mnist_seed", quiet=args.quiet)
+    result = train(
+        cfg, run_name=args.config.stem if args.config else "mnist_seed", quiet=args.quiet
+    )
     ev = result.final_eval
     print(
         f"test clustering accuracy {ev['accuracy']:.4f}  NMI {ev['nmi']:.4f}  ARI {ev['ari']:.4f}  "
         f"experts in use {ev['experts_in_use']}/{cfg.model.num_experts}  "
         f"neg ELBO {ev['neg_elbo']:.2f}"
     )
-    print(f"results in {result.run_dir}/ (config.yaml, metrics.jsonl, eval.json, expert_grid.png, "
-          f"loss_curves.png, model.safetensors)")
+    print(
+        f"results in {result.run_dir}/ (config.yaml, metrics.jsonl, eval.json, expert_grid.png, "
+        f"loss_curves.png, model.safetensors)"
+    )
     return 0
 
 

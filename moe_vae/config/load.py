@@ -13,9 +13,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from moe_vae.errors import MoeVaeError
-
 from moe_vae.config.schema import Config
+from moe_vae.errors import MoeVaeError
 
 
 class ConfigError(MoeVaeError):
@@ -40,19 +39,22 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456
 def parse_value(text: str) -> Any:
     """Parse one override value the way YAML would (`3` -> int, `[128, 64]` -> list, `null`)."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         return text  # not valid YAML on its own: keep the string, validation decides
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
-    """`["--train.epochs=3", "--model.z_dim", "4"]` -> `[("train.epochs", 3), ("model.z_dim", 4)]`."""
+    """`["--train.epochs=3", "--model.z_dim", "4"]` -> `[("train.epochs", 3), ("model.z_dim", 4)]`
+    (values parsed as YAML)."""
     out: list[tuple[str, Any]] = []
     i = 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
+            raise ConfigError(
+                f"unexpected argument {arg!r}: overrides look like --section.key=value"
+            )
         key, sep, value = arg[2:].partition("=")
         if not sep:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
@@ -73,7 +75,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found (expected a YAML file)")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506
+        data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -73,7 +73,7 @@ def read_idx(path: str | Path, expected_md5: str | None = None) -> np.ndarray:
         raise DataError(f"data file {str(path)!r} is not a readable gzip file: {err}") from None
     if len(raw) < 8:
         raise DataError(f"data file {str(path)!r} is truncated: {len(raw)} bytes, no IDX header")
-    magic, n = struct.unpack(">II", raw[:8])
+    magic, _ = struct.unpack(">II", raw[:8])
     if magic not in _MAGIC:
         raise DataError(
             f"data file {str(path)!r} is not an MNIST IDX file: magic {magic}, expected 2051 "
@@ -139,7 +139,9 @@ def mnist_root(cfg: DataConfig) -> Path:
     if cfg.source == "download":
         download(root, cfg.mirrors, cfg.verify_md5)
     elif not root.is_dir():
-        raise DataError(f"data.root {str(root)!r} is not a directory (expected the MNIST IDX files)")
+        raise DataError(
+            f"data.root {str(root)!r} is not a directory (expected the MNIST IDX files)"
+        )
     return root
 
 

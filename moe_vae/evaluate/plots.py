@@ -58,8 +58,11 @@ def save_loss_curves(epochs: Sequence[dict], path: str | Path) -> None:
     """One panel each for the expected expert loss, the balancing term and the total loss."""
     plt = _pyplot()
     x = [r["epoch"] for r in epochs]
-    keys = [("loss/expected", "expected expert loss"), ("loss/balancing", "balancing (variance)"),
-            ("loss/total", "total loss")]
+    keys = [
+        ("loss/expected", "expected expert loss"),
+        ("loss/balancing", "balancing (variance)"),
+        ("loss/total", "total loss"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, (key, title) in zip(axes, keys, strict=True):
         ax.plot(x, [r[key] for r in epochs], marker="o" if len(x) < 30 else None)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe_vae.config.schema import ModelConfig
-from moe_vae.model.layers import StackedLinear, StackedMLP, activation
+from moe_vae.model.layers import StackedMLP, activation
 
 
 @dataclass
@@ -86,7 +87,9 @@ class _GroupedConv(nn.Module):
             transposed,
         )
         k = self.KERNEL
-        shape = (num_experts * c_in, c_out, k, k) if transposed else (num_experts * c_out, c_in, k, k)
+        shape = (
+            (num_experts * c_in, c_out, k, k) if transposed else (num_experts * c_out, c_in, k, k)
+        )
         self.weight = nn.Parameter(torch.empty(shape))
         self.bias = nn.Parameter(torch.empty(num_experts * c_out))
         bound = 1.0 / math.sqrt(c_in * k * k)
@@ -102,7 +105,9 @@ class _GroupedConv(nn.Module):
     ) -> torch.Tensor:
         """h: [B, G*c_in, H, W] with G = E (or len(experts)); a shared input has c_in channels."""
         E = self.num_experts
-        weight, bias, groups = self.weight, self.bias, E
+        weight: torch.Tensor = self.weight
+        bias: torch.Tensor = self.bias
+        groups = E
         if experts is not None:  # keep only the chosen experts' filter blocks
             weight = weight.view(E, -1, *weight.shape[1:])[experts].flatten(0, 1)
             bias = bias.view(E, -1)[experts].flatten()
@@ -146,14 +151,15 @@ class ConvExpertBank(ExpertBank):
         self.flat_features = channels[-1] * h * w
         self.act = activation(cfg.activation)
         self.enc_convs = nn.ModuleList(
-            _GroupedConv(E, i, o, transposed=False)
-            for i, o in zip(channels[:-1], channels[1:], strict=True)
+            _GroupedConv(E, i, o, transposed=False) for i, o in pairwise(channels)
         )
-        self.enc_mlp = StackedMLP(E, [self.flat_features, *cfg.encoder_layers, 2 * Z], cfg.activation)
+        self.enc_mlp = StackedMLP(
+            E, [self.flat_features, *cfg.encoder_layers, 2 * Z], cfg.activation
+        )
         self.dec_mlp = StackedMLP(E, [Z, *cfg.decoder_layers, self.flat_features], cfg.activation)
         rev = channels[::-1]
         self.dec_convs = nn.ModuleList(
-            _GroupedConv(E, i, o, transposed=True) for i, o in zip(rev[:-1], rev[1:], strict=True)
+            _GroupedConv(E, i, o, transposed=True) for i, o in pairwise(rev)
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

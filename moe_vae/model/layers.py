@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,8 @@ class StackedLinear(nn.Module):
 
         `experts` (indices) selects a subset of the stacked experts; h then has that many rows.
         """
-        w_EIO, b_EO = self.weight_EIO, self.bias_EO
+        w_EIO: torch.Tensor = self.weight_EIO
+        b_EO: torch.Tensor = self.bias_EO
         if experts is not None:
             w_EIO, b_EO = w_EIO[experts], b_EO[experts]
         E, I, O = w_EIO.shape
@@ -64,9 +66,7 @@ class StackedMLP(nn.Module):
 
     def __init__(self, num_experts: int, widths: list[int], act: str) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            StackedLinear(num_experts, i, o) for i, o in zip(widths[:-1], widths[1:], strict=True)
-        )
+        self.layers = nn.ModuleList(StackedLinear(num_experts, i, o) for i, o in pairwise(widths))
         self.act = activation(act)
 
     def forward(self, h: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:

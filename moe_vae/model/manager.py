@@ -5,6 +5,8 @@ Legend: B batch, D flattened input, E experts.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import nn
 
@@ -17,9 +19,7 @@ class Manager(nn.Module):
     def __init__(self, input_dim: int, layers: list[int], num_experts: int, act: str) -> None:
         super().__init__()
         widths = [input_dim, *layers, num_experts]
-        self.layers = nn.ModuleList(
-            nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:], strict=True)
-        )
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in pairwise(widths))
         self.act = activation(act)
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:

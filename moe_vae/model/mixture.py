@@ -31,13 +31,15 @@ class MixtureOfVAEs(nn.Module):
     def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int]) -> None:
         super().__init__()
         self.cfg = cfg
-        self.image_shape = tuple(image_shape)
+        self.image_shape = image_shape
         self.input_dim = math.prod(image_shape)
         self.num_experts = cfg.num_experts
         self.manager = Manager(self.input_dim, cfg.manager_layers, cfg.num_experts, cfg.activation)
         self.experts = build_expert_bank(cfg, self.image_shape)
 
-    def forward(self, x_BD: torch.Tensor, generator: torch.Generator | None = None) -> MixtureOutput:
+    def forward(
+        self, x_BD: torch.Tensor, generator: torch.Generator | None = None
+    ) -> MixtureOutput:
         logits_BE = self.manager(x_BD)
         out = self.experts(x_BD, generator=generator)
         return MixtureOutput(
@@ -52,7 +54,8 @@ class MixtureOfVAEs(nn.Module):
     def _check_expert(self, expert: int) -> None:
         if not 0 <= expert < self.num_experts:
             raise ValueError(
-                f"expert index {expert} out of range: this model has experts 0..{self.num_experts - 1}"
+                f"expert index {expert} out of range: "
+                f"this model has experts 0..{self.num_experts - 1}"
             )
 
     @torch.no_grad()

@@ -99,14 +99,27 @@ def train(cfg: Config, run_name: str = "run", quiet: bool = False) -> RunResult:
     final_eval: dict[str, Any] = {}
     step = 0
     with JsonlLogger(run_dir / "metrics.jsonl") as log:
-        log.log({"event": "start", "device": str(device), "num_params": _num_params(model),
-                 "train_samples": N, "test_samples": len(x_test), "steps_per_epoch": steps_per_epoch})
+        log.log(
+            {
+                "event": "start",
+                "device": str(device),
+                "num_params": _num_params(model),
+                "train_samples": N,
+                "test_samples": len(x_test),
+                "steps_per_epoch": steps_per_epoch,
+            }
+        )
         for epoch in range(1, cfg.train.epochs + 1):
             t0 = time.perf_counter()
             sums = torch.zeros(len(STEP_KEYS), device=device)
             perm = torch.randperm(N, generator=data_gen).to(device)
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.train.epochs}",
-                       disable=quiet or None, leave=False, file=sys.stdout)
+            bar = tqdm(
+                range(steps_per_epoch),
+                desc=f"epoch {epoch}/{cfg.train.epochs}",
+                disable=quiet or None,
+                leave=False,
+                file=sys.stdout,
+            )
             n_steps = 0
             for i in bar:
                 x_BD = x_train[perm[i * B : (i + 1) * B]]
@@ -122,15 +135,22 @@ def train(cfg: Config, run_name: str = "run", quiet: bool = False) -> RunResult:
                 sums += values
                 if step % cfg.train.log_every == 0:
                     vals = values.tolist()  # one host sync per logged step, not per step
-                    log.log({"step": step, "epoch": epoch, **dict(zip(STEP_KEYS, vals, strict=True))})
+                    log.log(
+                        {"step": step, "epoch": epoch, **dict(zip(STEP_KEYS, vals, strict=True))}
+                    )
                     bar.set_postfix(loss=f"{vals[0]:.2f}")
                 if cfg.train.max_steps and step >= cfg.train.max_steps:
                     break
             seconds = time.perf_counter() - t0
             means = (sums / max(n_steps, 1)).tolist()
-            record = {"event": "epoch", "epoch": epoch, "step": step,
-                      **dict(zip(STEP_KEYS, means, strict=True)), "epoch_seconds": seconds,
-                      "samples_per_second": n_steps * B / seconds}
+            record = {
+                "event": "epoch",
+                "epoch": epoch,
+                "step": step,
+                **dict(zip(STEP_KEYS, means, strict=True)),
+                "epoch_seconds": seconds,
+                "samples_per_second": n_steps * B / seconds,
+            }
             model.eval()
             grid_rows.append(model.decode_all(z_fixed_1Z)[:, 0].cpu().numpy())
             model.train()
@@ -139,8 +159,9 @@ def train(cfg: Config, run_name: str = "run", quiet: bool = False) -> RunResult:
             )
             every = cfg.eval.every_epochs
             if last or (every and epoch % every == 0):
-                final_eval = evaluate(model, x_test, test_split.labels, cfg.loss, cfg.eval,
-                                      seed=cfg.train.seed)
+                final_eval = evaluate(
+                    model, x_test, test_split.labels, cfg.loss, cfg.eval, seed=cfg.train.seed
+                )
                 record.update({f"eval/{k}": v for k, v in final_eval.items() if k != "confusion"})
             log.log(record)
             epochs.append(record)
@@ -154,8 +175,9 @@ def train(cfg: Config, run_name: str = "run", quiet: bool = False) -> RunResult:
         (run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
         log.log({"event": "final", **{f"eval/{k}": v for k, v in final_eval.items()}})
 
-    save_expert_grid(grid_rows, image_shape, run_dir / "expert_grid.png",
-                     [str(r["epoch"]) for r in epochs])
+    save_expert_grid(
+        grid_rows, image_shape, run_dir / "expert_grid.png", [str(r["epoch"]) for r in epochs]
+    )
     save_loss_curves(epochs, run_dir / "loss_curves.png")
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, run_dir / "model.safetensors", metadata={"config": config_to_yaml(cfg)})
@@ -167,10 +189,14 @@ def _num_params(model: torch.nn.Module) -> int:
 
 
 def _epoch_summary(r: dict[str, Any]) -> str:
-    text = (f"epoch {r['epoch']:>3} step {r['step']:>6}  total {r['loss/total']:.2f}  "
-            f"expected {r['loss/expected']:.2f}  balancing {r['loss/balancing']:.3f}  "
-            f"{r['samples_per_second']:.0f} samples/s  {r['epoch_seconds']:.1f}s")
+    text = (
+        f"epoch {r['epoch']:>3} step {r['step']:>6}  total {r['loss/total']:.2f}  "
+        f"expected {r['loss/expected']:.2f}  balancing {r['loss/balancing']:.3f}  "
+        f"{r['samples_per_second']:.0f} samples/s  {r['epoch_seconds']:.1f}s"
+    )
     if "eval/accuracy" in r:
-        text += (f"  | test acc {r['eval/accuracy']:.3f} nmi {r['eval/nmi']:.3f} "
-                 f"ari {r['eval/ari']:.3f} in use {r['eval/experts_in_use']}")
+        text += (
+            f"  | test acc {r['eval/accuracy']:.3f} nmi {r['eval/nmi']:.3f} "
+            f"ari {r['eval/ari']:.3f} in use {r['eval/experts_in_use']}"
+        )
     return text

@@ -1,0 +1,118 @@
+"""End to end: the README's train command on the tiny config, and clean CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+
+from moe_vae.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+VENV = Path(sys.prefix)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(VENV / "bin" / "moe-vae"), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env(),
+    )
+
+
+def test_readme_train_command_on_tiny_config(tmp_path):
+    """`make train` (the README's command) with CONFIG/ARGS pointing at the tiny recipe.
+
+    `-o` tells make the venv stamp is up to date: this test runs inside the venv `make test` made.
+    """
+    readme = (REPO / "README.md").read_text()
+    assert "make train" in readme and "make test" in readme
+    out_dir = tmp_path / "runs"
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "-o", f"{VENV}/.installed", "train", f"VENV={VENV}",
+         "CONFIG=configs/tiny.yaml", f"ARGS=--output.dir={out_dir} --output.name=t --quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = out_dir / "t"
+    assert f"results in {run}" in proc.stdout
+    assert "test clustering accuracy" in proc.stdout
+
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "expert_grid.png",
+                 "loss_curves.png", "model.safetensors"):
+        assert (run / name).is_file(), name
+    # The resolved config reloads to the config the run used.
+    assert load_config(run / "config.yaml") == load_config(
+        REPO / "configs" / "tiny.yaml", [f"--output.dir={out_dir}", "--output.name=t"]
+    )
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    events = [r.get("event") for r in records]
+    assert events[0] == "start" and events[-1] == "final" and events.count("epoch") == 2
+    steps = [r for r in records if "event" not in r]
+    assert [r["step"] for r in steps] == [5, 10, 15, 20]  # log_every 5, 10 steps/epoch
+    ev = json.loads((run / "eval.json").read_text())
+    for key in ("accuracy", "many_to_one_accuracy", "nmi", "ari", "experts_in_use", "neg_elbo"):
+        assert key in ev, key
+    assert 0.0 <= ev["accuracy"] <= 1.0 and ev["num_samples"] == 200
+    # The seed's figure: 2 rows (epochs) x 4 columns (experts) of 28x28 tiles, plus axes.
+    grid = mpimg.imread(run / "expert_grid.png")
+    assert grid.shape[0] > 56 and grid.shape[1] > 4 * 28
+
+
+def test_bad_override_is_one_line_and_writes_nothing(tmp_path):
+    proc = run_cli("train", "--config", "configs/tiny.yaml", "--model.num_experts=0",
+                   f"--output.dir={tmp_path}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "model.num_experts" in lines[0] and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--config", "nope.yaml"], "config file 'nope.yaml' not found"),
+        (["--train.epochs=0"], "train.epochs"),
+        (["--epochs=3"], "unknown option --epochs"),
+        (["--data.source=dir", "--data.root=/nonexistent/mnist"], "is not a directory"),
+    ],
+)
+def test_cli_errors_are_clean(args, expected, tmp_path):
+    proc = run_cli("train", *args, f"--output.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path):
+    run = tmp_path / "keep"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("precious\n")
+    proc = run_cli("train", "--config", "configs/tiny.yaml", f"--output.dir={tmp_path}",
+                   "--output.name=keep")
+    assert proc.returncode == 2 and "already holds outputs" in proc.stderr
+    assert (run / "metrics.jsonl").read_text() == "precious\n"
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
+def test_print_config_and_help():
+    proc = run_cli("train", "--config", "configs/mnist_seed.yaml", "--train.epochs=3",
+                   "--print-config")
+    assert proc.returncode == 0
+    assert "epochs: 3" in proc.stdout and "num_experts: 10" in proc.stdout
+    helptext = run_cli("train", "--help").stdout
+    assert "--train.epochs=3" in helptext and "founding recipe" in helptext
+    mod = subprocess.run([sys.executable, "-m", "moe_vae", "--version"], capture_output=True,
+                         text=True, timeout=60)
+    assert mod.returncode == 0 and mod.stdout.startswith("moe-vae ")
