@@ -26,7 +26,11 @@ def _env() -> dict[str, str]:
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(VENV / "bin" / "moe-vae"), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
     )
 
 
@@ -39,17 +43,35 @@ def test_readme_train_command_on_tiny_config(tmp_path):
     assert "make train" in readme and "make test" in readme
     out_dir = tmp_path / "runs"
     proc = subprocess.run(
-        ["make", "--no-print-directory", "-o", f"{VENV}/.installed", "train", f"VENV={VENV}",
-         "CONFIG=configs/tiny.yaml", f"ARGS=--output.dir={out_dir} --output.name=t --quiet"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=_env(),
+        [
+            "make",
+            "--no-print-directory",
+            "-o",
+            f"{VENV}/.installed",
+            "train",
+            f"VENV={VENV}",
+            "CONFIG=configs/tiny.yaml",
+            f"ARGS=--output.dir={out_dir} --output.name=t --quiet",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
     )
     assert proc.returncode == 0, proc.stderr
     run = out_dir / "t"
     assert f"results in {run}" in proc.stdout
     assert "test clustering accuracy" in proc.stdout
 
-    for name in ("config.yaml", "metrics.jsonl", "eval.json", "expert_grid.png",
-                 "loss_curves.png", "model.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "eval.json",
+        "expert_grid.png",
+        "loss_curves.png",
+        "model.safetensors",
+    ):
         assert (run / name).is_file(), name
     # The resolved config reloads to the config the run used.
     assert load_config(run / "config.yaml") == load_config(
@@ -70,8 +92,13 @@ def test_readme_train_command_on_tiny_config(tmp_path):
 
 
 def test_bad_override_is_one_line_and_writes_nothing(tmp_path):
-    proc = run_cli("train", "--config", "configs/tiny.yaml", "--model.num_experts=0",
-                   f"--output.dir={tmp_path}")
+    proc = run_cli(
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        "--model.num_experts=0",
+        f"--output.dir={tmp_path}",
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -99,20 +126,23 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
     run = tmp_path / "keep"
     run.mkdir()
     (run / "metrics.jsonl").write_text("precious\n")
-    proc = run_cli("train", "--config", "configs/tiny.yaml", f"--output.dir={tmp_path}",
-                   "--output.name=keep")
+    proc = run_cli(
+        "train", "--config", "configs/tiny.yaml", f"--output.dir={tmp_path}", "--output.name=keep"
+    )
     assert proc.returncode == 2 and "already holds outputs" in proc.stderr
     assert (run / "metrics.jsonl").read_text() == "precious\n"
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
 
 
 def test_print_config_and_help():
-    proc = run_cli("train", "--config", "configs/mnist_seed.yaml", "--train.epochs=3",
-                   "--print-config")
+    proc = run_cli(
+        "train", "--config", "configs/mnist_seed.yaml", "--train.epochs=3", "--print-config"
+    )
     assert proc.returncode == 0
     assert "epochs: 3" in proc.stdout and "num_experts: 10" in proc.stdout
     helptext = run_cli("train", "--help").stdout
     assert "--train.epochs=3" in helptext and "founding recipe" in helptext
-    mod = subprocess.run([sys.executable, "-m", "moe_vae", "--version"], capture_output=True,
-                         text=True, timeout=60)
+    mod = subprocess.run(
+        [sys.executable, "-m", "moe_vae", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert mod.returncode == 0 and mod.stdout.startswith("moe-vae ")
