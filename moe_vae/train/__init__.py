@@ -1,6 +1,6 @@
 """Training: the single-process trainer and its run directory."""
 
 from moe_vae.train.run_dir import RunDirError, prepare_run_dir
-from moe_vae.train.trainer import RunResult, train
+from moe_vae.train.trainer import RunResult, Trainer, train
 
-__all__ = ["RunDirError", "RunResult", "prepare_run_dir", "train"]
+__all__ = ["RunDirError", "RunResult", "Trainer", "prepare_run_dir", "train"]

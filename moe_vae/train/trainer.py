@@ -62,130 +62,155 @@ def to_inputs(split: Split, device: torch.device) -> torch.Tensor:
     return x.to(device=device, dtype=torch.float32) / 255.0
 
 
-def _log_line(text: str) -> None:
-    tqdm.write(text, file=sys.stdout)
+class Trainer:
+    """Owns one run: data on the device, the model, the optimizer, the run directory, the logs."""
+
+    def __init__(self, cfg: Config, run_name: str = "run", quiet: bool = False) -> None:
+        self.cfg, self.quiet = cfg, quiet
+        # Everything that can fail on bad input happens before the run directory is created.
+        self.device = pick_device(cfg.train.device)
+        seed_everything(cfg.train.seed)
+        train_split, test_split = load_mnist(cfg.data)
+        self.image_shape = (1, *train_split.images.shape[1:])
+        self.x_train = to_inputs(train_split, self.device)
+        self.x_test, self.test_labels = to_inputs(test_split, self.device), test_split.labels
+        N, B = len(self.x_train), cfg.train.batch_size
+        if B > N:
+            raise MoeVaeError(f"train.batch_size {B} is larger than the training set ({N} samples)")
+        self.steps_per_epoch = N // B if cfg.train.drop_last else math.ceil(N / B)
+
+        self.model = MixtureOfVAEs(cfg.model, self.image_shape).to(self.device)
+        self.optim = torch.optim.Adam(
+            self.model.parameters(),
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        # Own generators: the data order and the figure's z do not depend on the model's draws.
+        self.data_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+        self.z_fixed_1Z = torch.randn(
+            1, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed + 2)
+        ).to(self.device)
+        self.step = 0
+        self.grid_rows: list[np.ndarray] = []
+        self.epochs: list[dict[str, Any]] = []
+
+        self.run_dir = prepare_run_dir(cfg.output, run_name)
+        (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+        self.log = JsonlLogger(self.run_dir / "metrics.jsonl")
+
+    def _done(self) -> bool:
+        return bool(self.cfg.train.max_steps and self.step >= self.cfg.train.max_steps)
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over a fresh permutation of the training set; returns the epoch's record."""
+        cfg, B = self.cfg, self.cfg.train.batch_size
+        t0 = time.perf_counter()
+        sums = torch.zeros(len(STEP_KEYS), device=self.device)
+        perm = torch.randperm(len(self.x_train), generator=self.data_gen).to(self.device)
+        bar = tqdm(
+            range(self.steps_per_epoch),
+            desc=f"epoch {epoch}/{cfg.train.epochs}",
+            disable=self.quiet or None,  # None: no bar when stdout is not a terminal
+            leave=False,
+            file=sys.stdout,
+        )
+        n_steps = 0
+        for i in bar:
+            x_BD = self.x_train[perm[i * B : (i + 1) * B]]
+            terms = mixture_objective(x_BD, self.model(x_BD), cfg.loss)
+            self.optim.zero_grad(set_to_none=True)
+            terms.total.backward()
+            self.optim.step()
+            self.step += 1
+            n_steps += 1
+            values = torch.stack([terms.total, terms.expected, terms.balancing, terms.mixture])
+            sums += values.detach()
+            if self.step % cfg.train.log_every == 0:
+                vals = values.tolist()  # one host sync per logged step, not per step
+                self.log.log(
+                    {"step": self.step, "epoch": epoch, **dict(zip(STEP_KEYS, vals, strict=True))}
+                )
+                bar.set_postfix(loss=f"{vals[0]:.2f}")
+            if self._done():
+                break
+        seconds = time.perf_counter() - t0
+        return {
+            "event": "epoch",
+            "epoch": epoch,
+            "step": self.step,
+            **dict(zip(STEP_KEYS, (sums / max(n_steps, 1)).tolist(), strict=True)),
+            "epoch_seconds": seconds,
+            "samples_per_second": n_steps * B / seconds,
+        }
+
+    def evaluate(self) -> dict[str, Any]:
+        return evaluate(
+            self.model,
+            self.x_test,
+            self.test_labels,
+            self.cfg.loss,
+            self.cfg.eval,
+            seed=self.cfg.train.seed,
+        )
+
+    def fit(self) -> RunResult:
+        cfg = self.cfg
+        self.log.log(
+            {
+                "event": "start",
+                "device": str(self.device),
+                "num_params": sum(p.numel() for p in self.model.parameters()),
+                "train_samples": len(self.x_train),
+                "test_samples": len(self.x_test),
+                "steps_per_epoch": self.steps_per_epoch,
+            }
+        )
+        final_eval: dict[str, Any] = {}
+        for epoch in range(1, cfg.train.epochs + 1):
+            record = self.train_epoch(epoch)
+            self.model.eval()
+            self.grid_rows.append(self.model.decode_all(self.z_fixed_1Z)[:, 0].cpu().numpy())
+            self.model.train()
+            last = epoch == cfg.train.epochs or self._done()
+            every = cfg.eval.every_epochs
+            if last or (every and epoch % every == 0):
+                final_eval = self.evaluate()
+                record.update({f"eval/{k}": v for k, v in final_eval.items() if k != "confusion"})
+            self.log.log(record)
+            self.epochs.append(record)
+            if not self.quiet:
+                tqdm.write(_epoch_summary(record), file=sys.stdout)
+            if last:
+                break
+        final_eval.update(epochs_run=len(self.epochs), steps=self.step)
+        self.finish(final_eval)
+        return RunResult(self.run_dir, final_eval, self.epochs)
+
+    def finish(self, final_eval: dict[str, Any]) -> None:
+        """Final metrics, figures and weights into the run directory."""
+        (self.run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
+        self.log.log({"event": "final", **{f"eval/{k}": v for k, v in final_eval.items()}})
+        self.log.close()
+        save_expert_grid(
+            self.grid_rows,
+            self.image_shape,
+            self.run_dir / "expert_grid.png",
+            [str(r["epoch"]) for r in self.epochs],
+        )
+        save_loss_curves(self.epochs, self.run_dir / "loss_curves.png")
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(
+            weights,
+            self.run_dir / "model.safetensors",
+            metadata={"config": config_to_yaml(self.cfg)},
+        )
 
 
 def train(cfg: Config, run_name: str = "run", quiet: bool = False) -> RunResult:
-    run_dir = prepare_run_dir(cfg.output, run_name)
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    device = pick_device(cfg.train.device)
-    seed_everything(cfg.train.seed)
-
-    train_split, test_split = load_mnist(cfg.data)
-    image_shape = (1, *train_split.images.shape[1:])
-    x_train, x_test = to_inputs(train_split, device), to_inputs(test_split, device)
-    N, B = len(x_train), cfg.train.batch_size
-    if B > N:
-        raise MoeVaeError(f"train.batch_size {B} is larger than the training set ({N} samples)")
-    steps_per_epoch = N // B if cfg.train.drop_last else math.ceil(N / B)
-
-    model = MixtureOfVAEs(cfg.model, image_shape).to(device)
-    optim = torch.optim.Adam(
-        model.parameters(),
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-    )
-    # Separate generators: the data order and the figure's z do not depend on the model's draws.
-    data_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-    z_fixed_1Z = torch.randn(
-        1, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed + 2)
-    ).to(device)
-
-    grid_rows: list[np.ndarray] = []
-    epochs: list[dict[str, Any]] = []
-    final_eval: dict[str, Any] = {}
-    step = 0
-    with JsonlLogger(run_dir / "metrics.jsonl") as log:
-        log.log(
-            {
-                "event": "start",
-                "device": str(device),
-                "num_params": _num_params(model),
-                "train_samples": N,
-                "test_samples": len(x_test),
-                "steps_per_epoch": steps_per_epoch,
-            }
-        )
-        for epoch in range(1, cfg.train.epochs + 1):
-            t0 = time.perf_counter()
-            sums = torch.zeros(len(STEP_KEYS), device=device)
-            perm = torch.randperm(N, generator=data_gen).to(device)
-            bar = tqdm(
-                range(steps_per_epoch),
-                desc=f"epoch {epoch}/{cfg.train.epochs}",
-                disable=quiet or None,
-                leave=False,
-                file=sys.stdout,
-            )
-            n_steps = 0
-            for i in bar:
-                x_BD = x_train[perm[i * B : (i + 1) * B]]
-                terms = mixture_objective(x_BD, model(x_BD), cfg.loss)
-                optim.zero_grad(set_to_none=True)
-                terms.total.backward()
-                optim.step()
-                step += 1
-                n_steps += 1
-                values = torch.stack(
-                    [terms.total, terms.expected, terms.balancing, terms.mixture]
-                ).detach()
-                sums += values
-                if step % cfg.train.log_every == 0:
-                    vals = values.tolist()  # one host sync per logged step, not per step
-                    log.log(
-                        {"step": step, "epoch": epoch, **dict(zip(STEP_KEYS, vals, strict=True))}
-                    )
-                    bar.set_postfix(loss=f"{vals[0]:.2f}")
-                if cfg.train.max_steps and step >= cfg.train.max_steps:
-                    break
-            seconds = time.perf_counter() - t0
-            means = (sums / max(n_steps, 1)).tolist()
-            record = {
-                "event": "epoch",
-                "epoch": epoch,
-                "step": step,
-                **dict(zip(STEP_KEYS, means, strict=True)),
-                "epoch_seconds": seconds,
-                "samples_per_second": n_steps * B / seconds,
-            }
-            model.eval()
-            grid_rows.append(model.decode_all(z_fixed_1Z)[:, 0].cpu().numpy())
-            model.train()
-            last = epoch == cfg.train.epochs or bool(
-                cfg.train.max_steps and step >= cfg.train.max_steps
-            )
-            every = cfg.eval.every_epochs
-            if last or (every and epoch % every == 0):
-                final_eval = evaluate(
-                    model, x_test, test_split.labels, cfg.loss, cfg.eval, seed=cfg.train.seed
-                )
-                record.update({f"eval/{k}": v for k, v in final_eval.items() if k != "confusion"})
-            log.log(record)
-            epochs.append(record)
-            if not quiet:
-                _log_line(_epoch_summary(record))
-            if last:
-                break
-
-        final_eval["epochs_run"] = len(epochs)
-        final_eval["steps"] = step
-        (run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
-        log.log({"event": "final", **{f"eval/{k}": v for k, v in final_eval.items()}})
-
-    save_expert_grid(
-        grid_rows, image_shape, run_dir / "expert_grid.png", [str(r["epoch"]) for r in epochs]
-    )
-    save_loss_curves(epochs, run_dir / "loss_curves.png")
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, run_dir / "model.safetensors", metadata={"config": config_to_yaml(cfg)})
-    return RunResult(run_dir, final_eval, epochs)
-
-
-def _num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Train one run to the end (or train.max_steps) and write its outputs."""
+    return Trainer(cfg, run_name, quiet).fit()
 
 
 def _epoch_summary(r: dict[str, Any]) -> str:

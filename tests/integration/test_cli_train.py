@@ -120,6 +120,7 @@ def test_cli_errors_are_clean(args, expected, tmp_path):
     assert proc.returncode == 2
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # bad input is caught before a run directory exists
 
 
 def test_existing_run_directory_is_never_overwritten(tmp_path):
