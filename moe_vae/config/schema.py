@@ -60,13 +60,13 @@ class TrainConfig(Section):
     max_steps: PositiveInt | None = None
     # A JSON line with the step's losses every this many steps.
     log_every: PositiveInt = 50
-    # Drop the last incomplete batch so every step sees batch_size inputs (the seed's 600/epoch).
-    drop_last: bool = True
 
 
 class DataConfig(Section):
-    name: Literal["mnist"] = "mnist"
-    # embedded: the MNIST files shipped inside the package (works offline);
+    # mnist: the built-in dataset, written once to cached shards and trained from them;
+    # shards: WebDataset shards of your own (`train_shards`, optional labelled `test_shards`).
+    name: Literal["mnist", "shards"] = "mnist"
+    # Where MNIST's IDX files come from. embedded: the copy inside the package (offline);
     # dir: IDX files (gz or raw) in `root`; download: fetch into `root` from `mirrors`, md5-checked.
     source: Literal["embedded", "dir", "download"] = "embedded"
     root: str | None = None
@@ -77,14 +77,41 @@ class DataConfig(Section):
         ]
     )
     verify_md5: bool = True
-    # Use only the first N train / test samples (quick runs and tests); null = all.
+    # Shard specs: a path, brace pattern (data/train-{000000..000099}.tar), http(s):// or pipe:
+    # URL, or a list of them.
+    train_shards: str | list[str] | None = None
+    test_shards: str | list[str] | None = None
+    # Where MNIST shards are cached (null: $XDG_CACHE_HOME/moe_vae or ~/.cache/moe_vae).
+    cache_dir: str | None = None
+    # How MNIST is written: batched records (fast for small images) or one sample per member.
+    record: Literal["batched", "sample"] = "batched"
+    samples_per_shard: PositiveInt = 10_000
+    # memory: load every sample once into (GPU) memory and shuffle there; stream: DataLoader
+    # workers stream shards; auto: memory when the data is known to fit in memory_limit_mb.
+    loader: Literal["auto", "memory", "stream"] = "auto"
+    memory_limit_mb: PositiveInt = 2048
+    num_workers: Annotated[int, Field(ge=0)] = 2
+    shuffle_buffer: PositiveInt = 10_000
+    # Resampled shards: each rank/worker draws shards with replacement; epoch_steps sets the
+    # epoch length (null: the data's size).
+    resampled: bool = False
+    epoch_steps: PositiveInt | None = None
+    # More skipped (bad) samples than this fraction stops training with an error.
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
+    # Use only the first N train / test samples (quick runs, tests; in-memory loader only).
     train_limit: PositiveInt | None = None
     test_limit: PositiveInt | None = None
 
     @model_validator(mode="after")
-    def _root_when_needed(self) -> DataConfig:
+    def _consistent(self) -> DataConfig:
         if self.source == "dir" and not self.root:
             raise ValueError("data.root must name a directory when data.source is 'dir'")
+        if self.name == "shards" and not self.train_shards:
+            raise ValueError("data.train_shards must be set when data.name is 'shards'")
+        if self.train_limit and self.loader == "stream":
+            raise ValueError(
+                "data.train_limit needs the in-memory loader (data.loader: auto|memory)"
+            )
         return self
 
 

@@ -1,10 +1,11 @@
-"""One pass over a labelled split: clustering metrics, losses and the expert x class table.
+"""One pass over an evaluation split: clustering metrics, losses and the expert x class table.
 
-Legend: N inputs, B batch, D flattened input, E experts.
+Legend: N inputs, B batch, C/H/W image, D flattened input, E experts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -16,38 +17,55 @@ from moe_vae.model.losses import expected_expert_loss, expert_losses, mixture_nl
 from moe_vae.model.mixture import MixtureOfVAEs
 
 
+def to_inputs(images_BCHW: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float [B, D] in [0, 1], the model's input."""
+    return images_BCHW.flatten(1).float().div_(255.0)
+
+
 @torch.no_grad()
 def evaluate(
     model: MixtureOfVAEs,
-    x_ND: torch.Tensor,
-    labels_N: np.ndarray,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     loss_cfg: LossConfig,
     eval_cfg: EvalConfig,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Metrics of `model` on (x, labels). The latent noise comes from its own seeded generator, so
-    evaluating never moves the training RNG and two evaluations of one model agree."""
+    """Metrics of `model` on (uint8 images, labels) batches; labels -1 = unknown.
+
+    The latent noise comes from its own seeded generator, so evaluating never moves the training
+    RNG and two evaluations of one model agree. Without labels, only losses and cluster sizes.
+    """
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=x_ND.device).manual_seed(seed)
-    clusters, expected, mixture = [], 0.0, 0.0
-    for start in range(0, len(x_ND), eval_cfg.batch_size):
-        x_BD = x_ND[start : start + eval_cfg.batch_size]
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    clusters, labels, expected, mixture, n = [], [], 0.0, 0.0, 0
+    for images, labels_B in batches:
+        x_BD = to_inputs(images.to(device))
         out = model(x_BD, generator=gen)
         loss_BE = expert_losses(x_BD, out, loss_cfg)
         expected += expected_expert_loss(out.probs_BE, loss_BE).item() * len(x_BD)
         mixture += mixture_nll(out.logits_BE, loss_BE).item() * len(x_BD)
+        n += len(x_BD)
         clusters.append(out.probs_BE.argmax(-1).cpu())
+        labels.append(labels_B.cpu())
     model.train(was_training)
     assigned = torch.cat(clusters).numpy()
-    n = max(len(x_ND), 1)
-    result = clustering_metrics(labels_N, assigned, model.num_experts, eval_cfg.in_use_min_fraction)
+    truth = torch.cat(labels).numpy()
+    E = model.num_experts
+    result: dict[str, Any]
+    if len(truth) and (truth >= 0).all():
+        result = clustering_metrics(truth, assigned, E, eval_cfg.in_use_min_fraction)
+        result["confusion"] = contingency(truth, assigned, E).tolist()
+    else:
+        sizes = np.bincount(assigned, minlength=E)
+        result = {
+            "experts_in_use": int((sizes >= eval_cfg.in_use_min_fraction * len(assigned)).sum()),
+            "cluster_sizes": sizes.tolist(),
+        }
+    # The mean negative ELBO under the manager's weights (the seed's expected expert loss) and
+    # under the mixture likelihood −log Σ p_i exp(−L_i), per input.
     result.update(
-        # The mean negative ELBO under the manager's weights (the seed's expected expert loss) and
-        # under the mixture likelihood −log Σ p_i exp(−L_i), per input.
-        neg_elbo=expected / n,
-        neg_elbo_mixture=mixture / n,
-        confusion=contingency(labels_N, assigned, model.num_experts).tolist(),
-        num_samples=len(x_ND),
+        neg_elbo=expected / max(n, 1), neg_elbo_mixture=mixture / max(n, 1), num_samples=n
     )
     return result

@@ -1,6 +1,7 @@
 """Single-process training of the mixture (CPU or one GPU, chosen automatically).
 
-Legend: N dataset size, B batch, D flattened input, E experts, Z latent.
+Legend: B batch, D flattened input, E experts, Z latent.
+Data comes from shards (MNIST is written to cached shards first) through data/build.py.
 Outputs in the run directory: config.yaml (resolved), metrics.jsonl, expert_grid.png (the seed's
 figure), loss_curves.png, eval.json (final test metrics) and model.safetensors.
 """
@@ -8,7 +9,6 @@ figure), loss_curves.png, eval.json (final test metrics) and model.safetensors.
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from moe_vae.config.load import config_to_yaml
 from moe_vae.config.schema import Config
-from moe_vae.data.mnist import Split, load_mnist
+from moe_vae.data.build import build_data
 from moe_vae.errors import MoeVaeError
-from moe_vae.evaluate.evaluator import evaluate
+from moe_vae.evaluate.evaluator import evaluate, to_inputs
 from moe_vae.evaluate.plots import save_expert_grid, save_loss_curves
 from moe_vae.model.losses import mixture_objective
 from moe_vae.model.mixture import MixtureOfVAEs
@@ -56,12 +56,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_inputs(split: Split, device: torch.device) -> torch.Tensor:
-    """uint8 [N, H, W] -> float [N, D] in [0, 1] on the device (MNIST fits in memory)."""
-    x = torch.from_numpy(split.images.reshape(len(split.images), -1))
-    return x.to(device=device, dtype=torch.float32) / 255.0
-
-
 class Trainer:
     """Owns one run: data on the device, the model, the optimizer, the run directory, the logs."""
 
@@ -70,14 +64,10 @@ class Trainer:
         # Everything that can fail on bad input happens before the run directory is created.
         self.device = pick_device(cfg.train.device)
         seed_everything(cfg.train.seed)
-        train_split, test_split = load_mnist(cfg.data)
-        self.image_shape = (1, *train_split.images.shape[1:])
-        self.x_train = to_inputs(train_split, self.device)
-        self.x_test, self.test_labels = to_inputs(test_split, self.device), test_split.labels
-        N, B = len(self.x_train), cfg.train.batch_size
-        if B > N:
-            raise MoeVaeError(f"train.batch_size {B} is larger than the training set ({N} samples)")
-        self.steps_per_epoch = N // B if cfg.train.drop_last else math.ceil(N / B)
+        self.data = build_data(
+            cfg.data, cfg.train.batch_size, cfg.train.seed, self.device, progress=not quiet
+        )
+        self.image_shape = self.data.image_shape
 
         self.model = MixtureOfVAEs(cfg.model, self.image_shape).to(self.device)
         self.optim = torch.optim.Adam(
@@ -93,6 +83,7 @@ class Trainer:
             1, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed + 2)
         ).to(self.device)
         self.step = 0
+        self.batches_done = 0  # position in the current epoch's stream (what resume skips)
         self.grid_rows: list[np.ndarray] = []
         self.epochs: list[dict[str, Any]] = []
 
@@ -104,27 +95,29 @@ class Trainer:
         return bool(self.cfg.train.max_steps and self.step >= self.cfg.train.max_steps)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        """One pass over a fresh permutation of the training set; returns the epoch's record."""
-        cfg, B = self.cfg, self.cfg.train.batch_size
+        """One epoch of the loader's batches; returns the epoch's record."""
+        cfg, B, loader = self.cfg, self.cfg.train.batch_size, self.data.train
         t0 = time.perf_counter()
         sums = torch.zeros(len(STEP_KEYS), device=self.device)
-        perm = torch.randperm(len(self.x_train), generator=self.data_gen).to(self.device)
         bar = tqdm(
-            range(self.steps_per_epoch),
+            total=loader.steps_in_epoch(epoch),
+            initial=self.batches_done,
             desc=f"epoch {epoch}/{cfg.train.epochs}",
             disable=self.quiet or None,  # None: no bar when stdout is not a terminal
             leave=False,
             file=sys.stdout,
         )
         n_steps = 0
-        for i in bar:
-            x_BD = self.x_train[perm[i * B : (i + 1) * B]]
+        for batch in loader.epoch_batches(epoch, skip=self.batches_done):
+            x_BD = to_inputs(batch.images.to(self.device, non_blocking=True))
             terms = mixture_objective(x_BD, self.model(x_BD), cfg.loss)
             self.optim.zero_grad(set_to_none=True)
             terms.total.backward()
             self.optim.step()
             self.step += 1
+            self.batches_done += 1
             n_steps += 1
+            bar.update()
             values = torch.stack([terms.total, terms.expected, terms.balancing, terms.mixture])
             sums += values.detach()
             if self.step % cfg.train.log_every == 0:
@@ -135,7 +128,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{vals[0]:.2f}")
             if self._done():
                 break
+        bar.close()
+        self.batches_done = 0
         seconds = time.perf_counter() - t0
+        bad = loader.report.counts + self.data.load_skipped
         return {
             "event": "epoch",
             "epoch": epoch,
@@ -143,17 +139,15 @@ class Trainer:
             **dict(zip(STEP_KEYS, (sums / max(n_steps, 1)).tolist(), strict=True)),
             "epoch_seconds": seconds,
             "samples_per_second": n_steps * B / seconds,
+            "data/bad_samples": sum(bad.values()),
+            **{f"data/bad/{k}": v for k, v in sorted(bad.items())},
         }
 
     def evaluate(self) -> dict[str, Any]:
-        return evaluate(
-            self.model,
-            self.x_test,
-            self.test_labels,
-            self.cfg.loss,
-            self.cfg.eval,
-            seed=self.cfg.train.seed,
-        )
+        if self.data.test is None:
+            return {}
+        batches = self.data.test.batches(self.cfg.eval.batch_size)
+        return evaluate(self.model, batches, self.cfg.loss, self.cfg.eval, seed=self.cfg.train.seed)
 
     def fit(self) -> RunResult:
         cfg = self.cfg
@@ -162,9 +156,11 @@ class Trainer:
                 "event": "start",
                 "device": str(self.device),
                 "num_params": sum(p.numel() for p in self.model.parameters()),
-                "train_samples": len(self.x_train),
-                "test_samples": len(self.x_test),
-                "steps_per_epoch": self.steps_per_epoch,
+                "train_samples": self.data.train_shards.num_samples,
+                "train_shards": len(self.data.train_shards.urls),
+                "loader": type(self.data.train).__name__,
+                "test_samples": len(self.data.test.images) if self.data.test else 0,
+                "steps_per_epoch": self.data.train.steps_in_epoch(1),
             }
         )
         final_eval: dict[str, Any] = {}

@@ -110,13 +110,25 @@ def test_bad_override_is_one_line_and_writes_nothing(tmp_path):
     ("args", "expected"),
     [
         (["--config", "nope.yaml"], "config file 'nope.yaml' not found"),
-        (["--train.epochs=0"], "train.epochs"),
-        (["--epochs=3"], "unknown option --epochs"),
-        (["--data.source=dir", "--data.root=/nonexistent/mnist"], "is not a directory"),
+        (["--config", "configs/tiny.yaml", "--train.epochs=0"], "train.epochs"),
+        (["--config", "configs/tiny.yaml", "--epochs=3"], "unknown option --epochs"),
+        (
+            ["--config", "configs/tiny.yaml", "--data.source=dir", "--data.root=/nonexistent"],
+            "is not a directory",
+        ),
+        (
+            [
+                "--config",
+                "configs/tiny.yaml",
+                "--data.name=shards",
+                "--data.train_shards=/no/x.tar",
+            ],
+            "matches nothing",
+        ),
     ],
 )
 def test_cli_errors_are_clean(args, expected, tmp_path):
-    proc = run_cli("train", *args, f"--output.dir={tmp_path}")
+    proc = run_cli("train", *args, f"--output.dir={tmp_path}", timeout=120)
     assert proc.returncode == 2
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,140 @@
+"""From the data config to loaders: the one place that decides where samples come from.
+
+MNIST (the default) is written once to cached shards and read back through the same path as any
+user's shards; small data then takes the in-memory fast path, large data streams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moe_vae.config.schema import DataConfig
+from moe_vae.data.loaders import InMemoryLoader, StreamingLoader, fits_in_memory, load_in_memory
+from moe_vae.data.mnist import mnist_root
+from moe_vae.data.shardlist import ShardSet, preflight, resolve
+from moe_vae.data.sources import mnist_source
+from moe_vae.data.writer import WriteOptions, manifest_path, sha256sum, write_shards
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "moe_vae"
+
+
+def _complete(mpath: Path) -> str | None:
+    """The shard pattern of a manifest whose shards are all present and match their sha256."""
+    try:
+        manifest = json.loads(mpath.read_text())
+        for shard in manifest["shards"]:
+            if sha256sum(mpath.parent / shard["file"]) != shard["sha256"]:
+                return None
+        return str(mpath.parent / manifest["pattern"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def ensure_mnist_shards(cfg: DataConfig, progress: bool = True) -> tuple[str, str]:
+    """(train, test) shard patterns of MNIST in the cache, written on first use."""
+    out = cache_root(cfg) / "shards" / f"mnist-{cfg.record}-{cfg.samples_per_shard}"
+    if cfg.source == "dir":
+        mnist_root(cfg)  # a wrong data.root is an error even when the cache could serve
+    patterns = []
+    for split in ("train", "test"):
+        pattern = _complete(manifest_path(out, split))
+        if pattern is None:
+            source = mnist_source(mnist_root(cfg), split, cfg.verify_md5)
+            opts = WriteOptions(samples_per_shard=cfg.samples_per_shard, record=cfg.record)
+            manifest = write_shards(source, out, split, opts, progress)
+            pattern = str(out / manifest["pattern"])
+        patterns.append(pattern)
+    return patterns[0], patterns[1]
+
+
+@dataclass
+class EvalSet:
+    """A labelled evaluation split held in memory (uint8 on the device)."""
+
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N], -1 = unknown
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.images), batch_size):
+            yield (
+                self.images[start : start + batch_size],
+                self.labels[start : start + batch_size],
+            )
+
+
+@dataclass
+class Data:
+    train: InMemoryLoader | StreamingLoader
+    image_shape: tuple[int, int, int]
+    test: EvalSet | None
+    train_shards: ShardSet
+    load_skipped: Counter[str] = field(default_factory=Counter)  # bad samples met while loading
+
+
+def build_data(
+    cfg: DataConfig,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> Data:
+    train_spec: str | list[str]
+    test_spec: str | list[str] | None
+    if cfg.name == "mnist":
+        train_spec, test_spec = ensure_mnist_shards(cfg, progress)
+    else:
+        assert cfg.train_shards is not None
+        train_spec, test_spec = cfg.train_shards, cfg.test_shards
+    shards = resolve(train_spec)
+    image_shape = preflight(shards)
+    use_memory = cfg.loader == "memory" or (
+        cfg.loader == "auto" and fits_in_memory(shards, image_shape, cfg.memory_limit_mb)
+    )
+    skipped: Counter[str] = Counter()
+    train: InMemoryLoader | StreamingLoader
+    if use_memory:
+        images, labels, keys, bad = load_in_memory(
+            shards, image_shape, cfg.train_limit, cfg.max_bad_fraction
+        )
+        skipped.update(bad)
+        train = InMemoryLoader(
+            images.to(device), labels.to(device), keys, batch_size, seed, rank, world_size
+        )
+    else:
+        train = StreamingLoader(
+            shards,
+            image_shape,
+            batch_size,
+            seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=cfg.num_workers,
+            shuffle_buffer=cfg.shuffle_buffer,
+            resampled=cfg.resampled,
+            epoch_steps=cfg.epoch_steps,
+            max_bad_fraction=cfg.max_bad_fraction,
+            pin_memory=device.type == "cuda",
+        )
+    test = None
+    if test_spec:
+        test_shards = resolve(test_spec)
+        images, labels, _, bad = load_in_memory(
+            test_shards, image_shape, cfg.test_limit, cfg.max_bad_fraction
+        )
+        skipped.update({f"test_{k}": v for k, v in bad.items()})
+        test = EvalSet(images.to(device), labels.to(device))
+    return Data(train, image_shape, test, shards, skipped)

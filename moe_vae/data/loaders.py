@@ -1,0 +1,257 @@
+"""Batch loaders behind one interface: streamed from shards, or held in (GPU) memory.
+
+Both give every rank the same number of full batches per epoch (no rank runs out early and
+hangs a collective), never the same sample twice in an epoch, deterministic for a given
+(seed, world size, workers), and a position (epoch, batches consumed) to resume from exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_vae.data.pipeline import Batch, ShardStream, StreamSpec, epoch_shard_order, split_shards
+from moe_vae.data.records import BadSampleCounter, RecordDecoder
+from moe_vae.data.shardlist import ShardError, ShardSet
+from moe_vae.errors import MoeVaeError
+
+
+class BadDataError(MoeVaeError):
+    """More bad samples than data.max_bad_fraction allows."""
+
+
+class BadSampleReport:
+    """Skipped samples by reason, against samples used, with the configured ceiling."""
+
+    MIN_SEEN = 10_000  # mid-epoch checks wait for this many samples; epoch ends always check
+
+    def __init__(self, max_fraction: float) -> None:
+        self.max_fraction = max_fraction
+        self.counts: Counter[str] = Counter()
+        self.good = 0
+
+    @property
+    def bad(self) -> int:
+        return sum(self.counts.values())
+
+    def check(self, final: bool = False) -> None:
+        seen = self.good + self.bad
+        if not seen or (not final and seen < self.MIN_SEEN):
+            return
+        if self.bad / seen > self.max_fraction:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+            raise BadDataError(
+                f"{self.bad} of {seen} samples were bad ({reasons}): more than "
+                f"data.max_bad_fraction={self.max_fraction}; fix the data or raise the limit"
+            )
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return random.Random(f"{seed}-{epoch}-perm").getrandbits(63)
+
+
+class InMemoryLoader:
+    """The small-data fast path: all samples in one uint8 tensor on the device, shuffled there.
+
+    Epoch e: one permutation of all N samples seeded by (seed, e), dealt to ranks round-robin
+    and cut to steps * batch_size per rank, steps = N // (world_size * batch_size).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        keys: list[str],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.images, self.labels, self.keys = images, labels, np.asarray(keys)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.report = BadSampleReport(1.0)
+        if self.steps_in_epoch(0) < 1:
+            raise MoeVaeError(
+                f"{len(images)} samples over {world_size} rank(s) do not fill one batch of "
+                f"{batch_size}: lower train.batch_size"
+            )
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return len(self.images) // (self.world_size * self.batch_size)
+
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        B, steps = self.batch_size, self.steps_in_epoch(epoch)
+        gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        mine = torch.randperm(len(self.images), generator=gen)[self.rank :: self.world_size]
+        for i in range(skip, steps):
+            idx = mine[i * B : (i + 1) * B]  # on the CPU: no device sync to look up keys
+            dev_idx = idx.to(self.images.device, non_blocking=True)
+            yield Batch(self.images[dev_idx], self.labels[dev_idx], self.keys[idx.numpy()].tolist())
+
+
+class StreamingLoader:
+    """Batches streamed from shards by DataLoader workers (the pipeline in pipeline.py).
+
+    Steps per epoch: without resampling, planned from the per-shard sample counts so that every
+    rank stops after the same number of batches (the smallest rank's full batches); with
+    resampling, `epoch_steps` (default: one pass over the data's size).
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        image_shape: tuple[int, int, int],
+        batch_size: int,
+        seed: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 10_000,
+        resampled: bool = False,
+        epoch_steps: int | None = None,
+        max_bad_fraction: float = 0.01,
+        pin_memory: bool = False,
+    ) -> None:
+        if not resampled and shards.counts is None:
+            raise ShardError(
+                "remote shards without a manifest have no known size: set data.resampled=true "
+                "(and data.epoch_steps), or use local shards, or shards from `moe-vae data write`"
+            )
+        if not resampled and len(shards.urls) < world_size:
+            raise ShardError(
+                f"{len(shards.urls)} shards cannot be split over {world_size} ranks: write more, "
+                f"smaller shards or set data.resampled=true"
+            )
+        self.shards, self.image_shape = shards, image_shape
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.num_workers, self.resampled, self.pin_memory = num_workers, resampled, pin_memory
+        self.epoch_steps = epoch_steps
+        self.report = BadSampleReport(max_bad_fraction)
+        self.dataset = ShardStream(
+            StreamSpec(
+                shards.urls,
+                image_shape,
+                batch_size,
+                seed,
+                rank,
+                world_size,
+                shuffle_buffer,
+                resampled,
+            )
+        )
+        if self.steps_in_epoch(0) < 1:
+            raise MoeVaeError(
+                f"the shards do not give every rank one full batch of {batch_size} per epoch: "
+                f"lower train.batch_size or data.num_workers"
+            )
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        if self.resampled:
+            if self.epoch_steps:
+                return self.epoch_steps
+            total = self.shards.num_samples
+            if total is None:
+                raise ShardError(
+                    "data.resampled with shards of unknown size needs data.epoch_steps"
+                )
+            return total // (self.world_size * self.batch_size)
+        assert self.shards.counts is not None
+        count = dict(zip(self.shards.urls, self.shards.counts, strict=True))
+        order = epoch_shard_order(self.shards.urls, self.seed, epoch)
+        workers = max(self.num_workers, 1)
+        per_rank = [
+            sum(
+                sum(count[u] for u in split_shards(order, r, self.world_size, w, workers))
+                // self.batch_size
+                for w in range(workers)
+            )
+            for r in range(self.world_size)
+        ]
+        return min(per_rank)
+
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        """The epoch's batches after the first `skip` (read and dropped: exact, not free)."""
+        self.dataset.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=4 if self.num_workers else None,
+        )
+        steps = self.steps_in_epoch(epoch)
+        latest: dict[int, dict[str, int]] = {}
+        done = 0
+        for i, batch in enumerate(loader):
+            if i >= steps:
+                break
+            latest[batch.worker] = batch.bad
+            self.report.good += self.batch_size
+            self._update_counts(latest)
+            self.report.check()
+            done = i + 1
+            if i >= skip:
+                yield batch
+        self.report.check(final=True)
+        if done < steps:
+            # Bad samples shrank a worker's share below plan; the trainer ends the epoch here.
+            self.report.counts["short_epoch_steps"] += steps - done
+
+    def _update_counts(self, latest: dict[int, dict[str, int]]) -> None:
+        self.report.counts = Counter(
+            {k: v for k, v in self.report.counts.items() if k == "short_epoch_steps"}
+        )
+        for counts in latest.values():
+            self.report.counts.update(counts)
+
+
+def load_in_memory(
+    shards: ShardSet,
+    image_shape: tuple[int, int, int] | None,
+    limit: int | None,
+    max_bad_fraction: float,
+) -> tuple[torch.Tensor, torch.Tensor, list[str], Counter[str]]:
+    """Read shards in order (no shuffle) into uint8 [N, C, H, W], labels [N], keys."""
+    import webdataset as wds
+
+    counter = BadSampleCounter()
+    records = wds.tarfile_samples(({"url": u} for u in shards.urls), handler=counter)
+    images, labels, keys = [], [], []
+    for sample in RecordDecoder(image_shape, counter)(records):
+        images.append(sample.image)
+        labels.append(sample.label)
+        keys.append(sample.key)
+        if limit and len(images) >= limit:
+            break
+    report = BadSampleReport(max_bad_fraction)
+    report.counts, report.good = counter.counts, len(images)
+    report.check(final=True)
+    if not images:
+        raise ShardError(f"no usable samples in {shards.urls[0]!r} ...")
+    return (
+        torch.from_numpy(np.stack(images)),
+        torch.tensor(labels, dtype=torch.int64),
+        keys,
+        counter.counts,
+    )
+
+
+def fits_in_memory(shards: ShardSet, image_shape: tuple[int, int, int], limit_mb: int) -> bool:
+    n = shards.num_samples
+    return n is not None and n * math.prod(image_shape) <= limit_mb * 2**20
+
+
+def loader_state(epoch: int, batches_done: int) -> dict[str, Any]:
+    """The stream position saved with a checkpoint: resume = epoch_batches(epoch, batches_done)."""
+    return {"epoch": epoch, "batches_done": batches_done}

@@ -1,0 +1,131 @@
+"""Shard lists: brace patterns and URLs expanded, checked before training, counted.
+
+A shard is a local path, an `http(s)://` URL, or a `pipe:` command (webdataset's gopen opens all
+three). Sample counts per shard come from a manifest written by `moe-vae data write` (found
+beside local shards), or are counted by reading local shards once.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+
+from moe_vae.data.records import BadSampleCounter, RecordDecoder
+from moe_vae.errors import MoeVaeError
+
+
+class ShardError(MoeVaeError):
+    """A shard list that matches nothing, or shards that cannot be read."""
+
+
+@dataclass
+class ShardSet:
+    urls: list[str]
+    counts: list[int] | None  # samples per shard, when known
+    image_shape: tuple[int, int, int] | None  # [C, H, W], when known
+    class_names: list[str] | None = None
+
+    @property
+    def num_samples(self) -> int | None:
+        return sum(self.counts) if self.counts is not None else None
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def expand(spec: str | list[str]) -> list[str]:
+    """`data/train-{000000..000009}.tar` (or a list of such) -> the shard URLs, in order."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    return [url for s in specs for url in braceexpand.braceexpand(s)]
+
+
+def _manifest_counts(paths: list[Path]) -> tuple[dict[str, int], dict[str, Any]] | None:
+    """Counts from the `*.manifest.json` files beside local shards, if they cover every shard.
+    The metadata returned is that of the manifest listing the first shard."""
+    counts: dict[str, int] = {}
+    meta: dict[str, Any] = {}
+    for folder in sorted({p.parent for p in paths}):
+        for mpath in sorted(folder.glob("*.manifest.json")):
+            try:
+                manifest = json.loads(mpath.read_text())
+                files = [str(folder / shard["file"]) for shard in manifest["shards"]]
+                counts.update(
+                    zip(files, (int(s["samples"]) for s in manifest["shards"]), strict=True)
+                )
+            except (ValueError, KeyError, TypeError) as err:
+                raise ShardError(f"manifest {str(mpath)!r} is unreadable: {err}") from None
+            if str(paths[0]) in files:
+                meta = manifest
+    if all(str(p) in counts for p in paths):
+        return counts, meta
+    return None
+
+
+def count_samples(url: str) -> int:
+    """Samples in one shard, by reading it (decoding only batched records' key lists)."""
+    import webdataset as wds
+
+    counter = BadSampleCounter()
+    records = wds.tarfile_samples([{"url": url}], handler=counter)
+    n = 0
+    for record in records:
+        if "keys.json" in record:
+            n += len(json.loads(record["keys.json"]))
+        else:
+            n += 1
+    return n
+
+
+def resolve(spec: str | list[str], count: bool = True) -> ShardSet:
+    """Expand and check a shard spec; counts from manifests, else by reading local shards."""
+    urls = expand(spec)
+    if not urls:
+        raise ShardError(f"shard list {spec!r} is empty")
+    local = [Path(u) for u in urls if not is_remote(u)]
+    missing = [p for p in local if not p.is_file()]
+    if missing and len(missing) == len(urls):
+        raise ShardError(f"shard list {spec!r} matches nothing (first: {str(missing[0])!r})")
+    if missing:
+        raise ShardError(
+            f"shard list {spec!r}: {len(missing)} of {len(urls)} shards missing, "
+            f"first {str(missing[0])!r}"
+        )
+    image_shape = None
+    class_names = None
+    counts = None
+    if len(local) == len(urls):
+        found = _manifest_counts(local)
+        if found is not None:
+            by_path, meta = found
+            counts = [by_path[str(p)] for p in local]
+            shape = meta.get("image_shape")
+            if shape:
+                image_shape = (1, *shape) if len(shape) == 2 else (shape[2], shape[0], shape[1])
+            class_names = meta.get("class_names")
+        elif count:
+            counts = [count_samples(u) for u in urls]
+    return ShardSet(urls, counts, image_shape, class_names)
+
+
+def preflight(shards: ShardSet) -> tuple[int, int, int]:
+    """Read the first shard's first usable sample: an unreadable first shard stops here, before
+    training, with one clear error. Returns the image shape [C, H, W]."""
+    import webdataset as wds
+
+    url = shards.urls[0]
+    counter = BadSampleCounter()
+    decoder = RecordDecoder(shards.image_shape, counter)
+    try:
+        first = next(iter(decoder(wds.tarfile_samples([{"url": url}], handler=counter))), None)
+    except (OSError, tarfile.TarError) as err:
+        raise ShardError(f"first shard {url!r} is unreadable: {err}") from None
+    if first is None:
+        reasons = ", ".join(f"{k}: {v}" for k, v in counter.counts.items()) or "no samples"
+        raise ShardError(f"first shard {url!r} has no usable sample ({reasons})")
+    return first.image.shape  # type: ignore[return-value]
