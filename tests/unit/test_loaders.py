@@ -1,0 +1,172 @@
+"""Loader guarantees: partitions across ranks and workers, determinism, exact resume, bad data."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from shard_helpers import key_index, write_tiny
+
+from moe_vae.data.loaders import BadDataError, InMemoryLoader, StreamingLoader, load_in_memory
+from moe_vae.data.records import npy_bytes
+from moe_vae.data.shardlist import resolve
+
+SHAPE = (1, 6, 5)
+
+
+def _stream(shards, rank=0, world=1, workers=2, batch=10, seed=3, **kw):
+    return StreamingLoader(
+        shards,
+        SHAPE,
+        batch,
+        seed,
+        rank=rank,
+        world_size=world,
+        num_workers=workers,
+        shuffle_buffer=64,
+        **kw,
+    )
+
+
+def _keys(loader, epoch, skip=0):
+    return [k for b in loader.epoch_batches(epoch, skip) for k in b.keys]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_streaming_split_is_a_partition(tmp_path, world):
+    pattern, _, _ = write_tiny(tmp_path, n=400, per_shard=50)  # 8 shards of 50
+    shards = resolve(pattern)
+    per_rank = [_keys(_stream(shards, rank=r, world=world), epoch=1) for r in range(world)]
+    steps = {len(k) // 10 for k in per_rank}
+    assert len(steps) == 1, "every rank must run the same number of steps"
+    flat = [k for keys in per_rank for k in keys]
+    assert len(flat) == len(set(flat)) == 400  # union = all, no overlap
+
+
+def test_equal_steps_when_shards_are_uneven(tmp_path):
+    pattern, _, _ = write_tiny(tmp_path, n=370, per_shard=50)  # 7 x 50 + 20
+    shards = resolve(pattern)
+    loaders = [_stream(shards, rank=r, world=3, workers=2) for r in range(3)]
+    for epoch in (1, 2):
+        planned = {ld.steps_in_epoch(epoch) for ld in loaders}
+        assert len(planned) == 1
+        got = [len(_keys(ld, epoch)) // 10 for ld in loaders]
+        assert got == [planned.pop()] * 3
+        flat = [k for ld in loaders for k in _keys(ld, epoch)]
+        assert len(flat) == len(set(flat))
+
+
+def test_streaming_is_deterministic_and_epochs_differ(tmp_path):
+    pattern, _, _ = write_tiny(tmp_path, n=200, per_shard=25)
+    shards = resolve(pattern)
+    a, b = _keys(_stream(shards), 1), _keys(_stream(shards), 1)
+    assert a == b
+    assert _keys(_stream(shards), 2) != a
+    assert _keys(_stream(shards, seed=4), 1) != a
+    assert sorted(map(key_index, a)) == list(range(200))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_resume_continues_exactly(tmp_path, workers):
+    pattern, _, _ = write_tiny(tmp_path, n=300, per_shard=40)
+    shards = resolve(pattern)
+    full = _keys(_stream(shards, workers=workers), epoch=5)
+    for skip in (1, 7, len(full) // 10 - 1):
+        resumed = _keys(_stream(shards, workers=workers), epoch=5, skip=skip)
+        assert resumed == full[skip * 10 :]
+
+
+def test_in_memory_partition_determinism_and_resume(tmp_path):
+    pattern, _, _ = write_tiny(tmp_path, n=203, per_shard=60)
+    images, labels, keys, _ = load_in_memory(resolve(pattern), None, None, 0.0)
+
+    def loader(rank=0, world=1, seed=0):
+        return InMemoryLoader(images, labels, keys, 10, seed, rank, world)
+
+    per_rank = [_keys(loader(r, 4), 1) for r in range(4)]
+    assert {len(k) for k in per_rank} == {50}  # 203 // (4 * 10) = 5 steps each
+    flat = [k for ks in per_rank for k in ks]
+    assert len(flat) == len(set(flat))
+    full = _keys(loader(), 3)
+    assert full == _keys(loader(), 3) and full != _keys(loader(), 4)
+    assert _keys(loader(), 3, skip=6) == full[60:]
+    batch = next(loader().epoch_batches(0))
+    idx = [keys.index(k) for k in batch.keys]
+    assert torch.equal(batch.images, images[idx]) and torch.equal(batch.labels, labels[idx])
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_samples_are_skipped_counted_and_good_ones_kept(tmp_path):
+    rng = np.random.default_rng(0)
+    good = {f"g{i:03d}": rng.integers(0, 256, (6, 5), dtype=np.uint8) for i in range(40)}
+    path = tmp_path / "mixed-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        items = list(good.items())
+        for i, (key, image) in enumerate(items[:20]):
+            if i % 2:
+                _add(tar, f"{key}.npy", npy_bytes(image))
+            else:
+                _add(tar, f"{key}.png", _png(image))
+            _add(tar, f"{key}.cls", b"3")
+        _add(tar, "b_missing.cls", b"1")  # a sample missing its image
+        _add(tar, "b_undecodable.png", b"\x89PNG not really")
+        _add(tar, "b_shape.npy", npy_bytes(np.zeros((7, 5), np.uint8)))
+        _add(tar, "b_dtype.npy", npy_bytes(np.zeros((6, 5), np.float32)))
+        _add(tar, "b_corrupt.npy", b"garbage bytes")
+        for key, image in items[20:]:
+            _add(tar, f"{key}.npy", npy_bytes(image))
+    # A second shard truncated in the middle of a member: what precedes the cut is kept.
+    path2 = tmp_path / "mixed-000001.tar"
+    with tarfile.open(path2, "w") as tar:
+        for i in range(3):
+            _add(tar, f"t{i:03d}.npy", npy_bytes(rng.integers(0, 256, (6, 5), dtype=np.uint8)))
+        _add(tar, "t_cut.npy", npy_bytes(np.zeros((6, 5), np.uint8)) * 50)
+    raw = path2.read_bytes()
+    path2.write_bytes(raw[: 3 * 1024 + 1024 + 700])
+
+    shards = resolve(str(tmp_path / "mixed-{000000..000001}.tar"), count=False)
+    images, _, keys, bad = load_in_memory(shards, SHAPE, None, 1.0)
+    assert set(good) <= set(keys)  # no good sample lost
+    assert {"t000", "t001", "t002"} <= set(keys)
+    assert len(keys) == 43
+    assert bad["missing_image"] == 1
+    assert bad["undecodable"] == 2  # the fake PNG and the garbage .npy
+    assert bad["wrong_shape"] == 1 and bad["wrong_dtype"] == 1
+    assert bad["tar_error"] >= 1  # the truncated member
+    for key, image in good.items():
+        assert np.array_equal(images[keys.index(key), 0].numpy(), image)
+
+    # The same counts through the streaming loader, and the ceiling turns them into an error.
+    shards.counts = [45, 4]
+    loader = StreamingLoader(shards, SHAPE, 5, 0, num_workers=0, max_bad_fraction=1.0)
+    assert len(_keys(loader, 0)) >= 35
+    assert loader.report.counts["missing_image"] == 1
+    strict = StreamingLoader(shards, SHAPE, 5, 0, num_workers=0, max_bad_fraction=0.01)
+    with pytest.raises(BadDataError, match=r"samples were bad .*data\.max_bad_fraction=0\.01"):
+        _keys(strict, 0)
+    with pytest.raises(BadDataError, match="missing_image 1"):
+        load_in_memory(shards, SHAPE, None, 0.01)
+
+
+def test_resampled_stream_runs_the_planned_steps(tmp_path):
+    pattern, _, _ = write_tiny(tmp_path, n=100, per_shard=25)
+    shards = resolve(pattern)
+    loader = _stream(shards, resampled=True, epoch_steps=23)
+    assert len(_keys(loader, 0)) == 230
+    assert _keys(loader, 0) == _keys(_stream(shards, resampled=True, epoch_steps=23), 0)
