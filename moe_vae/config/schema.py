@@ -60,6 +60,10 @@ class TrainConfig(Section):
     max_steps: PositiveInt | None = None
     # A JSON line with the step's losses every this many steps.
     log_every: PositiveInt = 50
+    # Write <run dir>/checkpoint.pt every this many steps (and always at the end); null = end only.
+    checkpoint_every: PositiveInt | None = None
+    # A checkpoint.pt to continue from: the run goes on in that checkpoint's run directory.
+    resume: str | None = None
 
 
 class DataConfig(Section):

@@ -189,6 +189,9 @@ class StreamingLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=4 if self.num_workers else None,
+            # Its own generator: creating the iterator must not draw from the global RNG, or a
+            # resumed run's noise would differ from the uninterrupted run's.
+            generator=torch.Generator(),
         )
         steps = self.steps_in_epoch(epoch)
         latest: dict[int, dict[str, int]] = {}

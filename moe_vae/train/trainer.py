@@ -18,18 +18,27 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moe_vae.config.load import config_to_yaml
 from moe_vae.config.schema import Config
 from moe_vae.data.build import build_data
+from moe_vae.data.loaders import loader_state
 from moe_vae.errors import MoeVaeError
 from moe_vae.evaluate.evaluator import evaluate, to_inputs
 from moe_vae.evaluate.plots import save_expert_grid, save_loss_curves
 from moe_vae.model.losses import mixture_objective
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.track.jsonl import JsonlLogger
+from moe_vae.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from moe_vae.train.run_dir import prepare_run_dir
 
 STEP_KEYS = ("loss/total", "loss/expected", "loss/balancing", "loss/mixture")
@@ -77,28 +86,73 @@ class Trainer:
             eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay,
         )
-        # Own generators: the data order and the figure's z do not depend on the model's draws.
-        self.data_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+        # Its own generator: the figure's z does not depend on the model's draws.
         self.z_fixed_1Z = torch.randn(
             1, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed + 2)
         ).to(self.device)
         self.step = 0
+        self.epoch = 1
         self.batches_done = 0  # position in the current epoch's stream (what resume skips)
+        self.epoch_sums = torch.zeros(len(STEP_KEYS), device=self.device)
+        self.epoch_steps = 0
         self.grid_rows: list[np.ndarray] = []
         self.epochs: list[dict[str, Any]] = []
 
-        self.run_dir = prepare_run_dir(cfg.output, run_name)
+        ckpt = load_checkpoint(cfg.train.resume) if cfg.train.resume else None
+        if ckpt is not None:
+            self._restore(
+                ckpt
+            )  # before touching the run directory: a bad checkpoint writes nothing
+            self.run_dir = Path(cfg.train.resume).parent  # type: ignore[arg-type]
+        else:
+            self.run_dir = prepare_run_dir(cfg.output, run_name)
         (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
         self.log = JsonlLogger(self.run_dir / "metrics.jsonl")
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optim": self.optim.state_dict(),
+            "config": config_to_yaml(self.cfg),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "data": loader_state(self.epoch, self.batches_done),
+            "epoch_sums": self.epoch_sums.cpu(),
+            "epoch_steps": self.epoch_steps,
+            "epochs": self.epochs,
+            "grid_rows": [torch.from_numpy(r) for r in self.grid_rows],
+            "rng": rng_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.run_dir / "checkpoint.pt", self._state())
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        saved = yaml.safe_load(ckpt["config"])
+        if saved.get("model") != self.cfg.model.model_dump(mode="json"):
+            raise CheckpointError(
+                f"checkpoint {self.cfg.train.resume!r} holds a different model "
+                f"({saved.get('model')}); resume with the same model section"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.optim.load_state_dict(ckpt["optim"])
+        self.step, self.epoch = ckpt["step"], ckpt["data"]["epoch"]
+        self.batches_done = ckpt["data"]["batches_done"]
+        self.epoch_sums = ckpt["epoch_sums"].to(self.device)
+        self.epoch_steps = ckpt["epoch_steps"]
+        complete = [i for i, r in enumerate(ckpt["epochs"]) if r.get("complete", True)]
+        self.epochs = [ckpt["epochs"][i] for i in complete]
+        self.grid_rows = [ckpt["grid_rows"][i].numpy() for i in complete]
+        set_rng_state(ckpt["rng"])
 
     def _done(self) -> bool:
         return bool(self.cfg.train.max_steps and self.step >= self.cfg.train.max_steps)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        """One epoch of the loader's batches; returns the epoch's record."""
+        """The rest of epoch `epoch` (all of it, unless resumed mid-epoch); its record."""
         cfg, B, loader = self.cfg, self.cfg.train.batch_size, self.data.train
-        t0 = time.perf_counter()
-        sums = torch.zeros(len(STEP_KEYS), device=self.device)
+        t0, steps_before = time.perf_counter(), self.epoch_steps
         bar = tqdm(
             total=loader.steps_in_epoch(epoch),
             initial=self.batches_done,
@@ -107,7 +161,6 @@ class Trainer:
             leave=False,
             file=sys.stdout,
         )
-        n_steps = 0
         for batch in loader.epoch_batches(epoch, skip=self.batches_done):
             x_BD = to_inputs(batch.images.to(self.device, non_blocking=True))
             terms = mixture_objective(x_BD, self.model(x_BD), cfg.loss)
@@ -116,32 +169,41 @@ class Trainer:
             self.optim.step()
             self.step += 1
             self.batches_done += 1
-            n_steps += 1
+            self.epoch_steps += 1
             bar.update()
             values = torch.stack([terms.total, terms.expected, terms.balancing, terms.mixture])
-            sums += values.detach()
+            self.epoch_sums += values.detach()
             if self.step % cfg.train.log_every == 0:
                 vals = values.tolist()  # one host sync per logged step, not per step
                 self.log.log(
                     {"step": self.step, "epoch": epoch, **dict(zip(STEP_KEYS, vals, strict=True))}
                 )
                 bar.set_postfix(loss=f"{vals[0]:.2f}")
+            if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                self.save_checkpoint()
             if self._done():
                 break
         bar.close()
-        self.batches_done = 0
         seconds = time.perf_counter() - t0
+        complete = not self._done() or self.batches_done >= loader.steps_in_epoch(epoch)
         bad = loader.report.counts + self.data.load_skipped
-        return {
+        record = {
             "event": "epoch",
             "epoch": epoch,
             "step": self.step,
-            **dict(zip(STEP_KEYS, (sums / max(n_steps, 1)).tolist(), strict=True)),
+            "complete": complete,
+            **dict(
+                zip(STEP_KEYS, (self.epoch_sums / max(self.epoch_steps, 1)).tolist(), strict=True)
+            ),
             "epoch_seconds": seconds,
-            "samples_per_second": n_steps * B / seconds,
+            "samples_per_second": (self.epoch_steps - steps_before) * B / seconds,
             "data/bad_samples": sum(bad.values()),
             **{f"data/bad/{k}": v for k, v in sorted(bad.items())},
         }
+        if complete:  # the next epoch starts from its first batch
+            self.epoch, self.batches_done, self.epoch_steps = epoch + 1, 0, 0
+            self.epoch_sums.zero_()
+        return record
 
     def evaluate(self) -> dict[str, Any]:
         if self.data.test is None:
@@ -153,7 +215,8 @@ class Trainer:
         cfg = self.cfg
         self.log.log(
             {
-                "event": "start",
+                "event": "resume" if self.step else "start",
+                "step": self.step,
                 "device": str(self.device),
                 "num_params": sum(p.numel() for p in self.model.parameters()),
                 "train_samples": self.data.train_shards.num_samples,
@@ -164,7 +227,7 @@ class Trainer:
             }
         )
         final_eval: dict[str, Any] = {}
-        for epoch in range(1, cfg.train.epochs + 1):
+        for epoch in range(self.epoch, cfg.train.epochs + 1):
             record = self.train_epoch(epoch)
             self.model.eval()
             self.grid_rows.append(self.model.decode_all(self.z_fixed_1Z)[:, 0].cpu().numpy())
@@ -180,7 +243,10 @@ class Trainer:
                 tqdm.write(_epoch_summary(record), file=sys.stdout)
             if last:
                 break
+        if not final_eval:  # resumed from a checkpoint of a finished run
+            final_eval = self.evaluate()
         final_eval.update(epochs_run=len(self.epochs), steps=self.step)
+        self.save_checkpoint()
         self.finish(final_eval)
         return RunResult(self.run_dir, final_eval, self.epochs)
 

@@ -1,0 +1,96 @@
+"""Stop a run mid-epoch, resume from its checkpoint: the same steps, losses and weights as a run
+that never stopped (bit-identical on CPU, one process)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_vae.config import load_config
+from moe_vae.train import train
+from moe_vae.train.checkpoint import CheckpointError
+
+
+def _cfg(tmp_path, name, *extra):
+    return load_config(
+        "configs/tiny.yaml",
+        [
+            f"--output.dir={tmp_path}",
+            f"--output.name={name}",
+            "--train.log_every=1",
+            "--train.epochs=3",
+            *extra,
+        ],
+    )
+
+
+def _steps(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss/total"] for r in lines if "event" not in r}
+
+
+def _mnist_shards(out):
+    """The first 500 MNIST train images in 4 shards (10 steps of 50 per epoch, 2 workers)."""
+    from moe_vae.data.mnist import EMBEDDED_DIR, load_split
+    from moe_vae.data.sources import from_arrays
+    from moe_vae.data.writer import WriteOptions, write_shards
+
+    split = load_split(EMBEDDED_DIR, "train")
+    src = from_arrays(split.images[:500], split.labels[:500], "train-")
+    manifest = write_shards(src, out, "train", WriteOptions(125, "sample"), progress=False)
+    return str(out / manifest["pattern"])
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, repo, loader):
+    monkeypatch.chdir(repo)
+    extra = [f"--data.loader={loader}"]
+    if loader == "stream":  # DataLoader workers streaming standard WebDataset samples
+        extra += [
+            "--data.name=shards",
+            f"--data.train_shards={_mnist_shards(tmp_path / 's')}",
+            "--data.train_limit=null",
+            "--data.num_workers=2",
+            "--data.shuffle_buffer=100",
+        ]
+    full = train(_cfg(tmp_path, "full", *extra), quiet=True)
+    # Stop at step 13 of 30 (mid epoch 2), then resume the same config from its checkpoint.
+    part = train(_cfg(tmp_path, "part", *extra, "--train.max_steps=13"), quiet=True)
+    assert part.final_eval["steps"] == 13
+    ckpt = part.run_dir / "checkpoint.pt"
+    resumed = train(_cfg(tmp_path, "part", *extra, f"--train.resume={ckpt}"), quiet=True)
+    assert resumed.run_dir == part.run_dir
+
+    a, b = _steps(full.run_dir), _steps(resumed.run_dir)
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    assert a == b  # every step's loss, bit for bit
+    wa = load_file(full.run_dir / "model.safetensors")
+    wb = load_file(resumed.run_dir / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    keys = ("loss/total", "loss/expected", "loss/balancing")
+    assert [[r[k] for k in keys] for r in full.epochs] == [
+        [r[k] for k in keys] for r in resumed.epochs
+    ]
+    assert full.final_eval == resumed.final_eval
+
+
+def test_periodic_checkpoints_and_bad_resume(tmp_path, monkeypatch, repo):
+    monkeypatch.chdir(repo)
+    res = train(
+        _cfg(tmp_path, "p", "--train.checkpoint_every=4", "--train.max_steps=6"), quiet=True
+    )
+    ckpt = res.run_dir / "checkpoint.pt"
+    assert ckpt.is_file() and not list(res.run_dir.glob(".*.tmp"))
+    before = sorted(p.name for p in res.run_dir.iterdir())
+    with pytest.raises(CheckpointError, match="holds a different model"):
+        train(_cfg(tmp_path, "p", "--model.z_dim=5", f"--train.resume={ckpt}"), quiet=True)
+    (tmp_path / "trunc.pt").write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated or not a moe-vae checkpoint"):
+        train(_cfg(tmp_path, "q", f"--train.resume={tmp_path / 'trunc.pt'}"), quiet=True)
+    with pytest.raises(CheckpointError, match="not found"):
+        train(_cfg(tmp_path, "q", f"--train.resume={tmp_path / 'none.pt'}"), quiet=True)
+    assert sorted(p.name for p in res.run_dir.iterdir()) == before
+    assert not (tmp_path / "q").exists()
