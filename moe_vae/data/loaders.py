@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_vae.data.pipeline import Batch, ShardStream, StreamSpec, epoch_shard_order, split_shards
+from moe_vae.data.pipeline import (
+    Batch,
+    ShardStream,
+    StreamSpec,
+    epoch_shard_order,
+    split_batch,
+    split_shards,
+)
 from moe_vae.data.records import BadSampleCounter, RecordDecoder
 from moe_vae.data.shardlist import ShardError, ShardSet
 from moe_vae.errors import MoeVaeError
@@ -196,7 +203,8 @@ class StreamingLoader:
         steps = self.steps_in_epoch(epoch)
         latest: dict[int, dict[str, int]] = {}
         done = 0
-        for i, batch in enumerate(loader):
+        batches = (b for item in loader for b in split_batch(item, self.batch_size))
+        for i, batch in enumerate(batches):
             if i >= steps:
                 break
             latest[batch.worker] = batch.bad
@@ -230,24 +238,21 @@ def load_in_memory(
 
     counter = BadSampleCounter()
     records = wds.tarfile_samples(({"url": u} for u in shards.urls), handler=counter)
-    images, labels, keys = [], [], []
-    for sample in RecordDecoder(image_shape, counter)(records):
-        images.append(sample.image)
-        labels.append(sample.label)
-        keys.append(sample.key)
-        if limit and len(images) >= limit:
+    chunks, n = [], 0
+    for chunk in RecordDecoder(image_shape, counter)(records):
+        chunks.append(chunk)
+        n += len(chunk)
+        if limit and n >= limit:
             break
     report = BadSampleReport(max_bad_fraction)
-    report.counts, report.good = counter.counts, len(images)
+    report.counts, report.good = counter.counts, n
     report.check(final=True)
-    if not images:
-        raise ShardError(f"no usable samples in {shards.urls[0]!r} ...")
-    return (
-        torch.from_numpy(np.stack(images)),
-        torch.tensor(labels, dtype=torch.int64),
-        keys,
-        counter.counts,
-    )
+    if not chunks:
+        raise ShardError(f"no usable samples in the shards starting at {shards.urls[0]!r}")
+    images = np.concatenate([c.images for c in chunks])[:limit]
+    labels = np.concatenate([c.labels for c in chunks])[:limit]
+    keys = [str(k) for c in chunks for k in c.keys][:limit]
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), keys, counter.counts
 
 
 def fits_in_memory(shards: ShardSet, image_shape: tuple[int, int, int], limit_mb: int) -> bool:

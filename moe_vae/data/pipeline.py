@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from moe_vae.data.records import BadSampleCounter, Decoded, RecordDecoder
+from moe_vae.data.records import BadSampleCounter, Chunk, RecordDecoder
 
 
 @dataclass
@@ -34,6 +34,8 @@ class StreamSpec:
     world_size: int = 1
     shuffle_buffer: int = 10_000
     resampled: bool = False
+    # Samples per item a worker hands to the main process (many batches: fewer, larger transfers).
+    samples_per_item: int = 8192
 
 
 @dataclass
@@ -55,6 +57,10 @@ def _rng(*parts: int) -> random.Random:
     return random.Random("-".join(str(p) for p in parts))
 
 
+def _np_rng(*parts: int) -> np.random.Generator:
+    return np.random.default_rng(_rng(*parts).getrandbits(64))
+
+
 def epoch_shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
     """The epoch's shard order: identical on every rank, different each epoch."""
     order = list(urls)
@@ -74,35 +80,105 @@ def _resampled(urls: list[str], rng: random.Random) -> Iterator[str]:
         yield rng.choice(urls)
 
 
-def _shuffle(samples: Iterator[Decoded], size: int, rng: random.Random) -> Iterator[Decoded]:
-    """A shuffle buffer: fill to `size`, then emit a random element for each one read."""
-    buf: list[Decoded] = []
-    for sample in samples:
-        buf.append(sample)
-        if len(buf) >= size:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf
+def _concat(chunks: list[Chunk]) -> Chunk:
+    if len(chunks) == 1:
+        return chunks[0]
+    return Chunk(
+        np.concatenate([c.images for c in chunks]),
+        np.concatenate([c.labels for c in chunks]),
+        np.concatenate([c.keys for c in chunks]),
+    )
+
+
+def _take(c: Chunk, idx: np.ndarray | slice) -> Chunk:
+    return Chunk(c.images[idx], c.labels[idx], c.keys[idx])
+
+
+def _shuffle(chunks: Iterator[Chunk], size: int, rng: np.random.Generator) -> Iterator[Chunk]:
+    """A shuffle buffer of `size` samples, vectorised per record: once full, each arriving
+    record of k samples swaps places with k random buffered samples, which are emitted."""
+    pending: list[Chunk] = []
+    filled = 0
+    buf: Chunk | None = None
+    for chunk in chunks:
+        if buf is None:
+            pending.append(chunk)
+            filled += len(chunk)
+            if filled >= size:  # the buffer is full: keep `size` samples, emit the overflow
+                allc = _concat(pending)
+                perm = rng.permutation(len(allc))
+                buf = Chunk(
+                    *(
+                        a.copy()
+                        for a in (
+                            allc.images[perm[:size]],
+                            allc.labels[perm[:size]],
+                            allc.keys[perm[:size]].astype(object),
+                        )
+                    )
+                )
+                if len(allc) > size:
+                    yield _take(allc, perm[size:])
+                pending = []
+            continue
+        k = len(chunk)
+        if k >= size:  # a record larger than the buffer: mix it in whole
+            allc = _concat([buf, chunk])
+            perm = rng.permutation(len(allc))
+            buf = _take(allc, perm[:size])
+            yield _take(allc, perm[size:])
+            continue
+        idx = rng.choice(size, size=k, replace=False)
+        out = Chunk(buf.images[idx].copy(), buf.labels[idx].copy(), buf.keys[idx].copy())
+        buf.images[idx], buf.labels[idx], buf.keys[idx] = chunk.images, chunk.labels, chunk.keys
+        yield out
+    rest = buf if buf is not None else (_concat(pending) if pending else None)
+    if rest is not None and len(rest):
+        yield _take(rest, rng.permutation(len(rest)))
 
 
 def _batches(
-    samples: Iterator[Decoded], batch_size: int, counter: BadSampleCounter, worker: int
+    chunks: Iterator[Chunk], batch_size: int, per_item: int, counter: BadSampleCounter, worker: int
 ) -> Iterator[Batch]:
-    """Full batches only: a worker's last partial batch is dropped (steps are planned for it)."""
-    chunk: list[Decoded] = []
-    for sample in samples:
-        chunk.append(sample)
-        if len(chunk) == batch_size:
-            yield Batch(
-                images=torch.from_numpy(np.stack([s.image for s in chunk])),
-                labels=torch.tensor([s.label for s in chunk], dtype=torch.int64),
-                keys=[s.key for s in chunk],
-                bad=dict(counter.counts),
-                worker=worker,
-            )
-            chunk = []
+    """Full batches only (a worker's last partial batch is dropped: steps are planned for it),
+    `per_item` of them in one Batch so that few large tensors cross the worker boundary."""
+    want = batch_size * per_item
+    pending: list[Chunk] = []
+    have = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        have += len(chunk)
+        if have >= want:
+            allc = _concat(pending)
+            yield _as_batch(_take(allc, slice(0, want)), counter, worker)
+            rest = _take(allc, slice(want, None))
+            pending, have = ([rest], len(rest)) if len(rest) else ([], 0)
+    full = (have // batch_size) * batch_size
+    if full:
+        yield _as_batch(_take(_concat(pending), slice(0, full)), counter, worker)
+
+
+def _as_batch(c: Chunk, counter: BadSampleCounter, worker: int) -> Batch:
+    return Batch(
+        images=torch.from_numpy(np.ascontiguousarray(c.images)),
+        labels=torch.from_numpy(np.ascontiguousarray(c.labels, dtype=np.int64)),
+        keys=[str(k) for k in c.keys],
+        bad=dict(counter.counts),
+        worker=worker,
+    )
+
+
+def split_batch(batch: Batch, batch_size: int) -> Iterator[Batch]:
+    """A worker's multi-batch item -> the training batches it holds, in order."""
+    for start in range(0, len(batch.keys), batch_size):
+        end = start + batch_size
+        yield Batch(
+            batch.images[start:end],
+            batch.labels[start:end],
+            batch.keys[start:end],
+            batch.bad,
+            batch.worker,
+        )
 
 
 def stream_batches(
@@ -118,9 +194,10 @@ def stream_batches(
         order = epoch_shard_order(spec.urls, spec.seed, epoch)
         urls = iter(split_shards(order, spec.rank, spec.world_size, worker, num_workers))
     records = wds.tarfile_samples(({"url": u} for u in urls), handler=counter)
-    samples = RecordDecoder(spec.image_shape, counter)(records)
-    shuffled = _shuffle(samples, spec.shuffle_buffer, _rng(spec.seed, epoch, spec.rank, worker, 1))
-    yield from _batches(shuffled, spec.batch_size, counter, worker)
+    chunks = RecordDecoder(spec.image_shape, counter)(records)
+    shuffled = _shuffle(chunks, spec.shuffle_buffer, _np_rng(spec.seed, epoch, spec.rank, worker))
+    per_item = max(1, spec.samples_per_item // spec.batch_size)
+    yield from _batches(shuffled, spec.batch_size, per_item, counter, worker)
 
 
 class ShardStream(torch.utils.data.IterableDataset):

@@ -4,7 +4,7 @@ Two record kinds, told apart by their members, so the reader detects which one i
 - "sample" (standard WebDataset): `<key>.npy` (or `.png` / `.jpg` written by others) + `<key>.cls`;
 - "batched" (ours, fast for small images): `<rkey>.images.npy` [n, H, W(, C)] uint8,
   `<rkey>.labels.npy` int64 [n] (-1 = unknown), `<rkey>.keys.json` (the n sample keys).
-Decoding yields `Decoded` samples with images as uint8 [C, H, W]; anything that cannot be used
+Decoding yields `Chunk`s of samples with images as uint8 [n, C, H, W]; anything that cannot be used
 is skipped and counted by reason in a `BadSampleCounter`, never raised.
 """
 
@@ -48,10 +48,15 @@ def encode_batch(samples: list[RawSample], record_key: str) -> dict[str, Any]:
 
 
 @dataclass
-class Decoded:
-    key: str
-    image: np.ndarray  # uint8 [C, H, W]
-    label: int
+class Chunk:
+    """Decoded samples of one record: one for a "sample" record, up to record_size for "batched"."""
+
+    images: np.ndarray  # uint8 [n, C, H, W]
+    labels: np.ndarray  # int64 [n], -1 = unknown
+    keys: np.ndarray  # str [n]
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 class BadSampleCounter:
@@ -71,9 +76,11 @@ class BadSampleCounter:
         return True
 
 
-def to_chw(image: np.ndarray) -> np.ndarray:
-    """[H, W] -> [1, H, W]; [H, W, C] -> [C, H, W]."""
-    return image[None] if image.ndim == 2 else np.ascontiguousarray(image.transpose(2, 0, 1))
+def to_chw(images: np.ndarray) -> np.ndarray:
+    """[n, H, W] -> [n, 1, H, W]; [n, H, W, C] -> [n, C, H, W]."""
+    if images.ndim == 3:
+        return images[:, None]
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 
 def _load_npy(data: bytes) -> np.ndarray:
@@ -93,70 +100,73 @@ def _decode_image(sample: dict[str, Any]) -> np.ndarray | None:
 
 
 class RecordDecoder:
-    """Tar records -> `Decoded` samples of one image shape (picklable, runs in loader workers).
+    """Tar records -> `Chunk`s of samples of one image shape (picklable: runs in loader workers).
 
-    `expected_shape` ([C, H, W]) is checked for every sample; None accepts the first good
-    sample's shape and holds every later one to it.
+    `expected_shape` ([C, H, W]) is checked for every record; None accepts the first good
+    record's shape and holds every later one to it.
     """
 
     def __init__(self, expected_shape: tuple[int, int, int] | None, counter: BadSampleCounter):
         self.expected_shape = expected_shape
         self.counter = counter
 
-    def _check(self, key: str, image: np.ndarray, label: int) -> Decoded | None:
-        if image.dtype != np.uint8:
-            self.counter.add("wrong_dtype")
+    def _chunk(self, images: np.ndarray, labels: np.ndarray, keys: list[str]) -> Chunk | None:
+        """images: [n, H, W] or [n, H, W, C] as stored; all n are skipped if it does not fit."""
+        n = len(labels)
+        if images.dtype != np.uint8:
+            self.counter.add("wrong_dtype", n)
             return None
-        if image.ndim not in (2, 3):
-            self.counter.add("wrong_shape")
+        if images.ndim not in (3, 4):
+            self.counter.add("wrong_shape", n)
             return None
-        chw = to_chw(image)
+        chw = to_chw(images)
         if self.expected_shape is None:
-            self.expected_shape = chw.shape  # type: ignore[assignment]
-        if chw.shape != self.expected_shape:
-            self.counter.add("wrong_shape")
+            self.expected_shape = tuple(chw.shape[1:])  # type: ignore[assignment]
+        if chw.shape[1:] != self.expected_shape:
+            self.counter.add("wrong_shape", n)
             return None
-        return Decoded(key, chw, label)
+        return Chunk(chw, labels.astype(np.int64, copy=False), np.asarray(keys))
 
-    def _batched(self, record: dict[str, Any]) -> Iterator[Decoded]:
+    def _batched(self, record: dict[str, Any]) -> Chunk | None:
         try:
             images = _load_npy(record["images.npy"])
-            labels = _load_npy(record["labels.npy"]) if "labels.npy" in record else None
-            keys = json.loads(record["keys.json"]) if "keys.json" in record else None
-        except (ValueError, OSError, KeyError):
+            n = len(images)
+            labels = (
+                _load_npy(record["labels.npy"])
+                if "labels.npy" in record
+                else np.full(n, UNKNOWN_LABEL)
+            )
+            keys = (
+                json.loads(record["keys.json"])
+                if "keys.json" in record
+                else [f"{record['__key__']}/{i}" for i in range(n)]
+            )
+        except (ValueError, OSError, TypeError):
             self.counter.add("undecodable")
-            return
-        n = len(images) if images.ndim else 0
-        if labels is None:
-            labels = np.full(n, UNKNOWN_LABEL)
-        if keys is None:
-            keys = [f"{record['__key__']}/{i}" for i in range(n)]
+            return None
         if len(labels) != n or len(keys) != n:
             self.counter.add("undecodable", max(n, 1))
-            return
-        for key, image, label in zip(keys, images, labels, strict=True):
-            out = self._check(key, image, int(label))
-            if out is not None:
-                yield out
+            return None
+        return self._chunk(images, labels, keys)
 
-    def __call__(self, records: Iterable[dict[str, Any]]) -> Iterator[Decoded]:
+    def _single(self, record: dict[str, Any]) -> Chunk | None:
+        try:
+            image = _decode_image(record)
+        except Exception:  # any decoder failure is one undecodable sample
+            self.counter.add("undecodable")
+            return None
+        if image is None:
+            self.counter.add("missing_image")
+            return None
+        try:
+            label = int(record["cls"]) if "cls" in record else UNKNOWN_LABEL
+        except ValueError:
+            self.counter.add("bad_label")
+            return None
+        return self._chunk(image[None], np.array([label]), [record["__key__"]])
+
+    def __call__(self, records: Iterable[dict[str, Any]]) -> Iterator[Chunk]:
         for record in records:
-            if "images.npy" in record:
-                yield from self._batched(record)
-                continue
-            try:
-                image = _decode_image(record)
-            except Exception:  # any decoder failure is one undecodable sample
-                self.counter.add("undecodable")
-                continue
-            if image is None:
-                self.counter.add("missing_image")
-                continue
-            try:
-                label = int(record["cls"]) if "cls" in record else UNKNOWN_LABEL
-            except ValueError:
-                self.counter.add("bad_label")
-                continue
-            out = self._check(record["__key__"], image, label)
-            if out is not None:
-                yield out
+            chunk = self._batched(record) if "images.npy" in record else self._single(record)
+            if chunk is not None and len(chunk):
+                yield chunk

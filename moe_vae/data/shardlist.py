@@ -128,4 +128,4 @@ def preflight(shards: ShardSet) -> tuple[int, int, int]:
     if first is None:
         reasons = ", ".join(f"{k}: {v}" for k, v in counter.counts.items()) or "no samples"
         raise ShardError(f"first shard {url!r} has no usable sample ({reasons})")
-    return first.image.shape  # type: ignore[return-value]
+    return first.images.shape[1:]  # type: ignore[return-value]
