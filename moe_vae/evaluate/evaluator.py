@@ -13,7 +13,7 @@ import torch
 
 from moe_vae.config.schema import EvalConfig, LossConfig
 from moe_vae.evaluate.metrics import clustering_metrics, contingency
-from moe_vae.model.losses import expected_expert_loss, expert_losses, mixture_nll
+from moe_vae.model.losses import expected_expert_loss, mixture_nll
 from moe_vae.model.mixture import MixtureOfVAEs
 
 
@@ -42,12 +42,12 @@ def evaluate(
     clusters, labels, expected, mixture, n = [], [], 0.0, 0.0, 0
     for images, labels_B in batches:
         x_BD = to_inputs(images.to(device))
-        out = model(x_BD, generator=gen)
-        loss_BE = expert_losses(x_BD, out, loss_cfg)
-        expected += expected_expert_loss(out.probs_BE, loss_BE).item() * len(x_BD)
-        mixture += mixture_nll(out.logits_BE, loss_BE).item() * len(x_BD)
+        logits_BE, loss_BE = model.losses(x_BD, loss_cfg, generator=gen)
+        probs_BE = logits_BE.softmax(-1)
+        expected += expected_expert_loss(probs_BE, loss_BE).item() * len(x_BD)
+        mixture += mixture_nll(logits_BE, loss_BE).item() * len(x_BD)
         n += len(x_BD)
-        clusters.append(out.probs_BE.argmax(-1).cpu())
+        clusters.append(probs_BE.argmax(-1).cpu())
         labels.append(labels_B.cpu())
     model.train(was_training)
     assigned = torch.cat(clusters).numpy()

@@ -47,11 +47,18 @@ class ExpertBank(nn.Module):
         mu_EBZ, raw_EBZ = h_EB2Z.chunk(2, dim=-1)
         return mu_EBZ, self.var_floor + torch.exp(raw_EBZ)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> ExpertOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        eps_EBZ: torch.Tensor | None = None,
+    ) -> ExpertOutput:
+        """Encode, sample z = mu + sqrt(var) * eps (eps ~ N(0, I) unless given), decode."""
         mu_EBZ, var_EBZ = self.encode(x)
-        eps_EBZ = torch.randn(
-            mu_EBZ.shape, generator=generator, device=mu_EBZ.device, dtype=mu_EBZ.dtype
-        )
+        if eps_EBZ is None:
+            eps_EBZ = torch.randn(
+                mu_EBZ.shape, generator=generator, device=mu_EBZ.device, dtype=mu_EBZ.dtype
+            )
         z_EBZ = mu_EBZ + var_EBZ.sqrt() * eps_EBZ
         return ExpertOutput(mu_EBZ, var_EBZ, z_EBZ, self.decode(z_EBZ))
 
@@ -59,10 +66,10 @@ class ExpertBank(nn.Module):
 class MLPExpertBank(ExpertBank):
     """Fully connected VAEs: D -> encoder_layers -> (mu, var); Z -> decoder_layers -> D."""
 
-    def __init__(self, cfg: ModelConfig, input_dim: int) -> None:
+    def __init__(self, cfg: ModelConfig, input_dim: int, num_experts: int | None = None) -> None:
         super().__init__()
-        self.num_experts, self.z_dim, self.var_floor = cfg.num_experts, cfg.z_dim, cfg.var_floor
-        E, Z = cfg.num_experts, cfg.z_dim
+        E, Z = num_experts or cfg.num_experts, cfg.z_dim
+        self.num_experts, self.z_dim, self.var_floor = E, Z, cfg.var_floor
         self.encoder = StackedMLP(E, [input_dim, *cfg.encoder_layers, 2 * Z], cfg.activation)
         self.decoder = StackedMLP(E, [Z, *cfg.decoder_layers, input_dim], cfg.activation)
 
@@ -131,10 +138,12 @@ class ConvExpertBank(ExpertBank):
     All experts run as grouped convolutions (groups = E), so no loop over experts.
     """
 
-    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    def __init__(
+        self, cfg: ModelConfig, image_shape: tuple[int, int, int], num_experts: int | None = None
+    ) -> None:
         super().__init__()
-        self.num_experts, self.z_dim, self.var_floor = cfg.num_experts, cfg.z_dim, cfg.var_floor
-        E, Z = cfg.num_experts, cfg.z_dim
+        E, Z = num_experts or cfg.num_experts, cfg.z_dim
+        self.num_experts, self.z_dim, self.var_floor = E, Z, cfg.var_floor
         C, H, W = image_shape
         self.image_shape = image_shape
         channels = [C, *cfg.conv_channels]
@@ -189,7 +198,10 @@ class ConvExpertBank(ExpertBank):
         return h.view(B, G, C * H * W).transpose(0, 1)  # [B, G*C, H, W] -> [G, B, D]
 
 
-def build_expert_bank(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> ExpertBank:
+def build_expert_bank(
+    cfg: ModelConfig, image_shape: tuple[int, int, int], num_experts: int | None = None
+) -> ExpertBank:
+    """A bank of `num_experts` (default: all of cfg.num_experts) experts of cfg's type."""
     if cfg.expert == "mlp":
-        return MLPExpertBank(cfg, math.prod(image_shape))
-    return ConvExpertBank(cfg, image_shape)
+        return MLPExpertBank(cfg, math.prod(image_shape), num_experts)
+    return ConvExpertBank(cfg, image_shape, num_experts)

@@ -7,13 +7,14 @@ Per expert i and input x: L_i(x) = −log p(x | z_i) + KL(q_i(z | x) || N(0, I))
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from moe_vae.config.schema import LossConfig
-from moe_vae.model.mixture import MixtureOutput
+from moe_vae.model.experts import ExpertOutput
 
 
 def gaussian_nll(x_BD: torch.Tensor, x_logits_EBD: torch.Tensor, std: float) -> torch.Tensor:
@@ -35,13 +36,13 @@ def kl_standard_normal(mu_EBZ: torch.Tensor, var_EBZ: torch.Tensor) -> torch.Ten
     return 0.5 * (var_EBZ + mu_EBZ.pow(2) - 1.0 - var_EBZ.log()).sum(-1)
 
 
-def expert_losses(x_BD: torch.Tensor, out: MixtureOutput, cfg: LossConfig) -> torch.Tensor:
-    """L_i(x) for every expert and input, [B, E]."""
+def elbo_losses(x_BD: torch.Tensor, out: ExpertOutput, cfg: LossConfig) -> torch.Tensor:
+    """L_i(x) = −log p(x | z_i) + KL for each expert of the bank and each input: [E, B]."""
     if cfg.likelihood == "gaussian":
         nll_EB = gaussian_nll(x_BD, out.x_logits_EBD, cfg.decoder_std)
     else:
         nll_EB = bernoulli_nll(x_BD, out.x_logits_EBD)
-    return (nll_EB + kl_standard_normal(out.mu_EBZ, out.var_EBZ)).transpose(0, 1)
+    return nll_EB + kl_standard_normal(out.mu_EBZ, out.var_EBZ)
 
 
 def expected_expert_loss(probs_BE: torch.Tensor, loss_BE: torch.Tensor) -> torch.Tensor:
@@ -54,9 +55,18 @@ def mixture_nll(logits_BE: torch.Tensor, loss_BE: torch.Tensor) -> torch.Tensor:
     return -torch.logsumexp(logits_BE.log_softmax(-1) - loss_BE, dim=-1).mean()
 
 
-def variance_balancing(probs_BE: torch.Tensor) -> torch.Tensor:
-    """Population variance across experts of importance_i = Σ_batch p_i(x)."""
-    return probs_BE.sum(0).var(unbiased=False)
+def variance_balancing(
+    probs_BE: torch.Tensor, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Population variance across experts of importance_i = Σ_batch p_i(x).
+
+    With data parallelism the batch is split over ranks: `sum_over_ranks` (a differentiable
+    all-reduce) makes the importance that of the global batch, as on one device.
+    """
+    importance_E = probs_BE.sum(0)
+    if sum_over_ranks is not None:
+        importance_E = sum_over_ranks(importance_E)
+    return importance_E.var(unbiased=False)
 
 
 @dataclass
@@ -68,11 +78,16 @@ class LossTerms:
     loss_BE: torch.Tensor  # per-input per-expert L_i(x)
 
 
-def mixture_objective(x_BD: torch.Tensor, out: MixtureOutput, cfg: LossConfig) -> LossTerms:
+def objective(
+    logits_BE: torch.Tensor,
+    loss_BE: torch.Tensor,
+    cfg: LossConfig,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> LossTerms:
     """Total = (expected expert loss or mixture NLL) + balancing_weight * balancing."""
-    loss_BE = expert_losses(x_BD, out, cfg)
-    expected = expected_expert_loss(out.probs_BE, loss_BE)
-    mixture = mixture_nll(out.logits_BE, loss_BE)
-    balancing = variance_balancing(out.probs_BE)
+    probs_BE = logits_BE.softmax(-1)
+    expected = expected_expert_loss(probs_BE, loss_BE)
+    mixture = mixture_nll(logits_BE, loss_BE)
+    balancing = variance_balancing(probs_BE, sum_over_ranks)
     main = expected if cfg.objective == "expected" else mixture
     return LossTerms(main + cfg.balancing_weight * balancing, expected, mixture, balancing, loss_BE)

@@ -1,75 +1,107 @@
 """MixtureOfVAEs: the manager routes each input over the expert bank.
 
-Legend: B batch, D flattened input, E experts, Z latent, N generated samples.
-Routing here is dense (every expert sees every input), on one device.
+Legend: B batch, D flattened input, E experts (E_l of them on this rank), Z latent, N samples.
+The bank holds the experts `expert_ids` (all of them on one device; a shard of them under expert
+parallelism). Which experts see which inputs is the dispatcher's business (model/dispatch.py):
+the model never imports torch.distributed.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from moe_vae.config.schema import ModelConfig
+from moe_vae.config.schema import LossConfig, ModelConfig
+from moe_vae.model.dispatch import Dispatcher, LocalDispatcher
 from moe_vae.model.experts import build_expert_bank
+from moe_vae.model.losses import elbo_losses
 from moe_vae.model.manager import Manager
+
+# eps for (expert ids [E_l], global sample ids [N], z_dim) -> [E_l, N, Z]; None = torch.randn.
+NoiseFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
 class MixtureOutput:
     logits_BE: torch.Tensor  # manager logits
     probs_BE: torch.Tensor  # softmax(logits_BE)
-    mu_EBZ: torch.Tensor
+    mu_EBZ: torch.Tensor  # the bank's experts only
     var_EBZ: torch.Tensor
     z_EBZ: torch.Tensor
     x_logits_EBD: torch.Tensor  # decoder logits; sigmoid gives the reconstruction
 
 
 class MixtureOfVAEs(nn.Module):
-    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        image_shape: tuple[int, int, int],
+        expert_ids: range | None = None,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.image_shape = image_shape
         self.input_dim = math.prod(image_shape)
         self.num_experts = cfg.num_experts
+        self.expert_ids = expert_ids if expert_ids is not None else range(cfg.num_experts)
         self.manager = Manager(self.input_dim, cfg.manager_layers, cfg.num_experts, cfg.activation)
-        self.experts = build_expert_bank(cfg, self.image_shape)
+        self.experts = build_expert_bank(cfg, image_shape, len(self.expert_ids))
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
+        self.noise: NoiseFn | None = None
 
     def forward(
         self, x_BD: torch.Tensor, generator: torch.Generator | None = None
     ) -> MixtureOutput:
+        """Manager over all experts, and this bank's experts on every input."""
         logits_BE = self.manager(x_BD)
         out = self.experts(x_BD, generator=generator)
         return MixtureOutput(
             logits_BE, logits_BE.softmax(-1), out.mu_EBZ, out.var_EBZ, out.z_EBZ, out.x_logits_EBD
         )
 
+    def losses(
+        self, x_BD: torch.Tensor, loss_cfg: LossConfig, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(manager logits [B, E], L_i(x) of every expert on every input [B, E])."""
+        ids_E = torch.tensor(list(self.expert_ids), device=x_BD.device)
+
+        def local_losses(x_ND: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
+            eps = self.noise(ids_E, ids_N, self.cfg.z_dim) if self.noise is not None else None
+            return elbo_losses(x_ND, self.experts(x_ND, generator=generator, eps_EBZ=eps), loss_cfg)
+
+        return self.manager(x_BD), self.dispatcher.expert_losses(x_BD, local_losses)
+
     @torch.no_grad()
     def assign(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Cluster id of each input: the manager's argmax, [B]."""
         return self.manager(x_BD).argmax(-1)
 
-    def _check_expert(self, expert: int) -> None:
+    def _local_index(self, expert: int) -> int:
         if not 0 <= expert < self.num_experts:
             raise ValueError(
                 f"expert index {expert} out of range: "
                 f"this model has experts 0..{self.num_experts - 1}"
             )
+        if expert not in self.expert_ids:
+            raise ValueError(f"expert {expert} is not held here (this shard: {self.expert_ids})")
+        return self.expert_ids.index(expert)
 
     @torch.no_grad()
     def generate(self, z_NZ: torch.Tensor, expert: int) -> torch.Tensor:
         """Decode latents with one chosen expert: images in [0, 1], [N, D]."""
-        self._check_expert(expert)
-        idx = torch.tensor([expert], device=z_NZ.device)
+        idx = torch.tensor([self._local_index(expert)], device=z_NZ.device)
         return self.experts.decode(z_NZ[None], experts=idx)[0].sigmoid()
 
     @torch.no_grad()
     def decode_all(self, z_NZ: torch.Tensor) -> torch.Tensor:
-        """The same latents decoded by every expert (the seed's figure): [E, N, D] in [0, 1]."""
-        z_ENZ = z_NZ.expand(self.num_experts, *z_NZ.shape).contiguous()
-        return self.experts.decode(z_ENZ).sigmoid()
+        """The same latents decoded by every expert of the bank (the seed's figure): [E_l, N, D]."""
+        E = self.experts.num_experts
+        return self.experts.decode(z_NZ.expand(E, *z_NZ.shape).contiguous()).sigmoid()
 
     @torch.no_grad()
     def sample(self, n: int, expert: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from moe_vae.data.loaders import loader_state
 from moe_vae.errors import MoeVaeError
 from moe_vae.evaluate.evaluator import evaluate, to_inputs
 from moe_vae.evaluate.plots import save_expert_grid, save_loss_curves
-from moe_vae.model.losses import mixture_objective
+from moe_vae.model.losses import objective
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.track.jsonl import JsonlLogger
 from moe_vae.train.checkpoint import (
@@ -163,7 +163,7 @@ class Trainer:
         )
         for batch in loader.epoch_batches(epoch, skip=self.batches_done):
             x_BD = to_inputs(batch.images.to(self.device, non_blocking=True))
-            terms = mixture_objective(x_BD, self.model(x_BD), cfg.loss)
+            terms = objective(*self.model.losses(x_BD, cfg.loss), cfg.loss)
             self.optim.zero_grad(set_to_none=True)
             terms.total.backward()
             self.optim.step()

@@ -209,7 +209,7 @@ def test_model_package_never_imports_distribution():
 
 
 def test_bernoulli_objective_reaches_every_parameter():
-    from moe_vae.model.losses import mixture_objective
+    from moe_vae.model.losses import objective
 
     model = MixtureOfVAEs(
         ModelConfig(
@@ -218,6 +218,7 @@ def test_bernoulli_objective_reaches_every_parameter():
         (1, 3, 3),
     )
     x = torch.rand(6, 9)
-    terms = mixture_objective(x, model(x), LossConfig(likelihood="bernoulli"))
+    cfg = LossConfig(likelihood="bernoulli")
+    terms = objective(*model.losses(x, cfg), cfg)
     terms.total.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

@@ -13,10 +13,9 @@ from moe_vae.model.losses import (
     gaussian_nll,
     kl_standard_normal,
     mixture_nll,
-    mixture_objective,
+    objective,
     variance_balancing,
 )
-from moe_vae.model.mixture import MixtureOutput
 
 
 def test_gaussian_nll_by_hand():
@@ -87,27 +86,27 @@ def test_mixture_nll_by_hand_and_stable():
     assert val.item() == pytest.approx(1e4 + math.log(2), rel=1e-6)
 
 
-def _fake_output(B=3, E=2, D=4, Z=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(B, E, generator=g, requires_grad=True)
-    return MixtureOutput(
-        logits_BE=logits,
-        probs_BE=logits.softmax(-1),
-        mu_EBZ=torch.randn(E, B, Z, generator=g),
-        var_EBZ=torch.rand(E, B, Z, generator=g) + 0.1,
-        z_EBZ=torch.randn(E, B, Z, generator=g),
-        x_logits_EBD=torch.randn(E, B, D, generator=g),
-    ), torch.rand(B, D, generator=g)
-
-
-@pytest.mark.parametrize("objective", ["expected", "mixture"])
-def test_objective_total_combines_terms(objective):
-    out, x = _fake_output()
-    cfg = LossConfig(objective=objective, balancing_weight=0.3)
-    terms = mixture_objective(x, out, cfg)
-    main = terms.expected if objective == "expected" else terms.mixture
+@pytest.mark.parametrize("objective_name", ["expected", "mixture"])
+def test_objective_total_combines_terms(objective_name):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2, generator=g, requires_grad=True)
+    loss = torch.rand(3, 2, generator=g) * 10
+    cfg = LossConfig(objective=objective_name, balancing_weight=0.3)
+    terms = objective(logits, loss, cfg)
+    main = terms.expected if objective_name == "expected" else terms.mixture
     torch.testing.assert_close(terms.total, main + 0.3 * terms.balancing)
+    torch.testing.assert_close(terms.balancing, variance_balancing(logits.softmax(-1)))
     # mixture likelihood is a lower loss than the expectation (Jensen): -log E[e^-L] <= E[L]
     assert terms.mixture.item() <= terms.expected.item() + 1e-5
     terms.total.backward()
-    assert out.logits_BE.grad is not None and torch.isfinite(out.logits_BE.grad).all()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_balancing_sums_importance_over_ranks():
+    """Two halves of a batch with the importance summed across them == the whole batch."""
+    probs = torch.rand(6, 4).softmax(-1)
+    halves = [probs[:3], probs[3:]]
+    other = [h.sum(0) for h in halves]
+    for r, half in enumerate(halves):
+        summed = variance_balancing(half, lambda imp, r=r: imp + other[1 - r])
+        torch.testing.assert_close(summed, variance_balancing(probs))
