@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment.
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     _add_data_parser(sub)
     return parser
 

@@ -9,6 +9,7 @@ from moe_vae.config.schema import (
     ModelConfig,
     OptimConfig,
     OutputConfig,
+    ParallelConfig,
     TrainConfig,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "OutputConfig",
+    "ParallelConfig",
     "TrainConfig",
     "config_to_yaml",
     "load_config",

@@ -49,6 +49,8 @@ class OptimConfig(Section):
     )
     eps: Annotated[float, Field(gt=0)] = 1e-8
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    # Clip the global gradient norm to this value (0 = no clipping).
+    grad_clip: Annotated[float, Field(ge=0)] = 0.0
 
 
 class TrainConfig(Section):
@@ -56,6 +58,8 @@ class TrainConfig(Section):
     batch_size: PositiveInt = 100
     seed: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Global batch: split evenly over data-parallel ranks. bf16/fp16 need a GPU and DeepSpeed.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Stop after this many optimizer steps (smoke tests); null = run every epoch to the end.
     max_steps: PositiveInt | None = None
     # A JSON line with the step's losses every this many steps.
@@ -135,6 +139,17 @@ class OutputConfig(Section):
     overwrite: bool = False
 
 
+class ParallelConfig(Section):
+    # plain: one process, plain PyTorch; deepspeed: the DeepSpeed engine (any number of
+    # processes); auto: deepspeed when a launcher started more than one process.
+    engine: Literal["auto", "plain", "deepspeed"] = "auto"
+    # Ranks per expert-parallel group; each holds num_experts / ep_size experts (null: all ranks).
+    ep_size: PositiveInt | None = None
+    # Engine knobs only (ZeRO stage, buckets, ...): a DeepSpeed JSON file; batch size, lr,
+    # precision and clipping come from this config. null = ZeRO stage 0.
+    deepspeed_config: str | None = None
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -142,4 +157,5 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

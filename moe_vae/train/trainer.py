@@ -12,6 +12,7 @@ import json
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,15 @@ from tqdm import tqdm
 
 from moe_vae.config.load import config_to_yaml
 from moe_vae.config.schema import Config
-from moe_vae.data.build import build_data
+from moe_vae.data.build import build_data, ensure_mnist_shards
 from moe_vae.data.loaders import loader_state
 from moe_vae.errors import MoeVaeError
 from moe_vae.evaluate.evaluator import evaluate, to_inputs
 from moe_vae.evaluate.plots import save_expert_grid, save_loss_curves
-from moe_vae.model.losses import objective
+from moe_vae.model.losses import LossTerms, objective
 from moe_vae.model.mixture import MixtureOfVAEs
+from moe_vae.parallel.engine import build_engine
+from moe_vae.parallel.setup import parallelize, setup_parallel
 from moe_vae.track.jsonl import JsonlLogger
 from moe_vae.train.checkpoint import (
     CheckpointError,
@@ -51,14 +54,6 @@ class RunResult:
     epochs: list[dict[str, Any]]
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MoeVaeError("train.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -69,23 +64,50 @@ class Trainer:
     """Owns one run: data on the device, the model, the optimizer, the run directory, the logs."""
 
     def __init__(self, cfg: Config, run_name: str = "run", quiet: bool = False) -> None:
-        self.cfg, self.quiet = cfg, quiet
+        self.cfg = cfg
         # Everything that can fail on bad input happens before the run directory is created.
-        self.device = pick_device(cfg.train.device)
+        self.par = setup_parallel(cfg)
+        world, rank = self.par.info.world_size, self.par.info.rank
+        self.device = self.par.info.device
+        self.quiet = quiet or not self.par.is_main
+        if cfg.train.batch_size % world:
+            raise MoeVaeError(
+                f"train.batch_size={cfg.train.batch_size} (global) must divide evenly over "
+                f"{world} processes"
+            )
         seed_everything(cfg.train.seed)
+        if cfg.data.name == "mnist":  # one rank writes the shard cache, the others wait for it
+            if self.par.is_main:
+                ensure_mnist_shards(cfg.data, progress=not self.quiet)
+            self.par.barrier()
         self.data = build_data(
-            cfg.data, cfg.train.batch_size, cfg.train.seed, self.device, progress=not quiet
+            cfg.data,
+            cfg.train.batch_size // world,
+            cfg.train.seed,
+            self.device,
+            rank,
+            world,
+            progress=not self.quiet,
         )
         self.image_shape = self.data.image_shape
 
-        self.model = MixtureOfVAEs(cfg.model, self.image_shape).to(self.device)
-        self.optim = torch.optim.Adam(
-            self.model.parameters(),
-            lr=cfg.optim.lr,
-            betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
-            eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay,
+        self.model = MixtureOfVAEs(cfg.model, self.image_shape, expert_ids=self.par.expert_ids)
+        parallelize(self.model, self.par, cfg.train.seed)
+        self.model.to(self.device)
+        self.engine = build_engine(self.model, cfg, world) if self.par.distributed else None
+        self.optim = (
+            self.engine.optimizer
+            if self.engine is not None
+            else torch.optim.Adam(
+                self.model.parameters(),
+                lr=cfg.optim.lr,
+                betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
+                eps=cfg.optim.eps,
+                weight_decay=cfg.optim.weight_decay,
+            )
         )
+        if world > 1:  # ranks draw their own latent noise (their experts and inputs differ)
+            torch.manual_seed(cfg.train.seed * 7919 + rank + 1)
         # Its own generator: the figure's z does not depend on the model's draws.
         self.z_fixed_1Z = torch.randn(
             1, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed + 2)
@@ -100,20 +122,49 @@ class Trainer:
 
         ckpt = load_checkpoint(cfg.train.resume) if cfg.train.resume else None
         if ckpt is not None:
-            self._restore(
-                ckpt
-            )  # before touching the run directory: a bad checkpoint writes nothing
-            self.run_dir = Path(cfg.train.resume).parent  # type: ignore[arg-type]
+            # Before touching the run directory: a bad checkpoint writes nothing.
+            self._restore(ckpt)
+            run_dir: Path | None = Path(cfg.train.resume).parent  # type: ignore[arg-type]
         else:
-            self.run_dir = prepare_run_dir(cfg.output, run_name)
-        (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-        self.log = JsonlLogger(self.run_dir / "metrics.jsonl")
+            run_dir = prepare_run_dir(cfg.output, run_name) if self.par.is_main else None
+        self.run_dir: Path = self.par.broadcast(run_dir)
+        self.log = JsonlLogger(self.run_dir / "metrics.jsonl") if self.par.is_main else None
+        if self.par.is_main:
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.log(record)
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model on every rank: expert shards gathered along the expert dimension."""
+        out = {}
+        E_l = self.model.experts.num_experts
+        for name, value in self.model.state_dict().items():
+            if name.startswith("experts.") and self.par.distributed:
+                full = self.par.gather_experts(value.reshape(E_l, -1))
+                value = full.reshape(-1, *value.shape[1:])
+            out[name] = value.detach().cpu().contiguous()
+        return out
+
+    def _load_full_state_dict(self, full: dict[str, torch.Tensor]) -> None:
+        """Load a whole-model state dict, keeping this rank's expert shard."""
+        ids = self.model.expert_ids
+        local = {}
+        for name, value in self.model.state_dict().items():
+            saved = full[name]
+            if name.startswith("experts.") and len(ids) != self.model.num_experts:
+                saved = saved.reshape(self.model.num_experts, -1)[ids.start : ids.stop]
+                saved = saved.reshape(value.shape)
+            local[name] = saved
+        self.model.load_state_dict(local)
 
     def _state(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optim": self.optim.state_dict(),
+        rng = rng_state()
+        state = {
+            "model": self._full_state_dict(),
             "config": config_to_yaml(self.cfg),
+            "world_size": self.par.info.world_size,
             "step": self.step,
             "epoch": self.epoch,
             "batches_done": self.batches_done,
@@ -122,11 +173,22 @@ class Trainer:
             "epoch_steps": self.epoch_steps,
             "epochs": self.epochs,
             "grid_rows": [torch.from_numpy(r) for r in self.grid_rows],
-            "rng": rng_state(),
+            "rng": rng,
         }
+        if self.engine is None:  # under DeepSpeed the optimizer state is partitioned: not saved
+            state["optim"] = self.optim.state_dict()
+        if self.par.info.world_size > 1:
+            import torch.distributed as dist
+
+            every: list[Any] = [None] * self.par.info.world_size
+            dist.all_gather_object(every, rng)
+            state["rng_per_rank"] = every
+        return state
 
     def save_checkpoint(self) -> None:
-        save_checkpoint(self.run_dir / "checkpoint.pt", self._state())
+        state = self._state()  # a collective under expert parallelism: every rank builds it
+        if self.par.is_main:
+            save_checkpoint(self.run_dir / "checkpoint.pt", state)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         saved = yaml.safe_load(ckpt["config"])
@@ -135,8 +197,15 @@ class Trainer:
                 f"checkpoint {self.cfg.train.resume!r} holds a different model "
                 f"({saved.get('model')}); resume with the same model section"
             )
-        self.model.load_state_dict(ckpt["model"])
-        self.optim.load_state_dict(ckpt["optim"])
+        self._load_full_state_dict(ckpt["model"])
+        if "optim" in ckpt and self.engine is None:
+            self.optim.load_state_dict(ckpt["optim"])
+        elif self.par.is_main:
+            warnings.warn(
+                "resuming without optimizer state (it is not saved under the DeepSpeed engine): "
+                "Adam's moments restart from zero",
+                stacklevel=2,
+            )
         self.step, self.epoch = ckpt["step"], ckpt["data"]["epoch"]
         self.batches_done = ckpt["data"]["batches_done"]
         self.epoch_sums = ckpt["epoch_sums"].to(self.device)
@@ -144,7 +213,12 @@ class Trainer:
         complete = [i for i, r in enumerate(ckpt["epochs"]) if r.get("complete", True)]
         self.epochs = [ckpt["epochs"][i] for i in complete]
         self.grid_rows = [ckpt["grid_rows"][i].numpy() for i in complete]
-        set_rng_state(ckpt["rng"])
+        per_rank = ckpt.get("rng_per_rank")
+        same_world = ckpt.get("world_size", 1) == self.par.info.world_size
+        if per_rank and same_world:
+            set_rng_state(per_rank[self.par.info.rank])
+        elif same_world:
+            set_rng_state(ckpt["rng"])
 
     def _done(self) -> bool:
         return bool(self.cfg.train.max_steps and self.step >= self.cfg.train.max_steps)
@@ -163,10 +237,7 @@ class Trainer:
         )
         for batch in loader.epoch_batches(epoch, skip=self.batches_done):
             x_BD = to_inputs(batch.images.to(self.device, non_blocking=True))
-            terms = objective(*self.model.losses(x_BD, cfg.loss), cfg.loss)
-            self.optim.zero_grad(set_to_none=True)
-            terms.total.backward()
-            self.optim.step()
+            terms = self.train_step(x_BD)
             self.step += 1
             self.batches_done += 1
             self.epoch_steps += 1
@@ -174,8 +245,9 @@ class Trainer:
             values = torch.stack([terms.total, terms.expected, terms.balancing, terms.mixture])
             self.epoch_sums += values.detach()
             if self.step % cfg.train.log_every == 0:
-                vals = values.tolist()  # one host sync per logged step, not per step
-                self.log.log(
+                # One host sync per logged step, not per step; the average over ranks.
+                vals = self.par.mean_over_ranks(values).tolist()
+                self._log(
                     {"step": self.step, "epoch": epoch, **dict(zip(STEP_KEYS, vals, strict=True))}
                 )
                 bar.set_postfix(loss=f"{vals[0]:.2f}")
@@ -187,14 +259,13 @@ class Trainer:
         seconds = time.perf_counter() - t0
         complete = not self._done() or self.batches_done >= loader.steps_in_epoch(epoch)
         bad = loader.report.counts + self.data.load_skipped
+        means = self.par.mean_over_ranks(self.epoch_sums / max(self.epoch_steps, 1))
         record = {
             "event": "epoch",
             "epoch": epoch,
             "step": self.step,
             "complete": complete,
-            **dict(
-                zip(STEP_KEYS, (self.epoch_sums / max(self.epoch_steps, 1)).tolist(), strict=True)
-            ),
+            **dict(zip(STEP_KEYS, means.tolist(), strict=True)),
             "epoch_seconds": seconds,
             "samples_per_second": (self.epoch_steps - steps_before) * B / seconds,
             "data/bad_samples": sum(bad.values()),
@@ -205,6 +276,25 @@ class Trainer:
             self.epoch_sums.zero_()
         return record
 
+    def train_step(self, x_BD: torch.Tensor) -> LossTerms:
+        """Forward (through the dispatcher), backward, optimizer step."""
+        cfg = self.cfg
+        world = self.par.info.world_size
+        logits_BE, loss_BE = self.model.losses(x_BD, cfg.loss)
+        terms = objective(
+            logits_BE, loss_BE, cfg.loss, self.par.sum_over_ranks if world > 1 else None
+        )
+        if self.engine is not None:  # DeepSpeed reduces gradients (experts over their group)
+            self.engine.backward(terms.total)
+            self.engine.step()
+        else:
+            self.optim.zero_grad(set_to_none=True)
+            terms.total.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optim.step()
+        return terms
+
     def evaluate(self) -> dict[str, Any]:
         if self.data.test is None:
             return {}
@@ -213,7 +303,7 @@ class Trainer:
 
     def fit(self) -> RunResult:
         cfg = self.cfg
-        self.log.log(
+        self._log(
             {
                 "event": "resume" if self.step else "start",
                 "step": self.step,
@@ -224,20 +314,23 @@ class Trainer:
                 "loader": type(self.data.train).__name__,
                 "test_samples": len(self.data.test.images) if self.data.test else 0,
                 "steps_per_epoch": self.data.train.steps_in_epoch(1),
+                "world_size": self.par.info.world_size,
+                "ep_size": self.par.ep.size if self.par.ep else 1,
             }
         )
         final_eval: dict[str, Any] = {}
         for epoch in range(self.epoch, cfg.train.epochs + 1):
             record = self.train_epoch(epoch)
             self.model.eval()
-            self.grid_rows.append(self.model.decode_all(self.z_fixed_1Z)[:, 0].cpu().numpy())
+            row = self.par.gather_experts(self.model.decode_all(self.z_fixed_1Z)[:, 0])
+            self.grid_rows.append(row.cpu().numpy())
             self.model.train()
             last = epoch == cfg.train.epochs or self._done()
             every = cfg.eval.every_epochs
             if last or (every and epoch % every == 0):
                 final_eval = self.evaluate()
                 record.update({f"eval/{k}": v for k, v in final_eval.items() if k != "confusion"})
-            self.log.log(record)
+            self._log(record)
             self.epochs.append(record)
             if not self.quiet:
                 tqdm.write(_epoch_summary(record), file=sys.stdout)
@@ -251,7 +344,10 @@ class Trainer:
         return RunResult(self.run_dir, final_eval, self.epochs)
 
     def finish(self, final_eval: dict[str, Any]) -> None:
-        """Final metrics, figures and weights into the run directory."""
+        """Final metrics, figures and weights (consolidated) into the run directory."""
+        weights = self._full_state_dict()  # a collective: every rank takes part
+        if self.log is None:
+            return
         (self.run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
         self.log.log({"event": "final", **{f"eval/{k}": v for k, v in final_eval.items()}})
         self.log.close()
@@ -262,7 +358,6 @@ class Trainer:
             [str(r["epoch"]) for r in self.epochs],
         )
         save_loss_curves(self.epochs, self.run_dir / "loss_curves.png")
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         save_file(
             weights,
             self.run_dir / "model.safetensors",

@@ -1,0 +1,43 @@
+"""Process setup for every launcher: deepspeed, torchrun and accelerate all set RANK/WORLD_SIZE/
+LOCAL_RANK/MASTER_ADDR in the environment; DeepSpeed's init_distributed reads them.
+
+On a machine without CUDA, DeepSpeed runs on its CPU accelerator with the gloo backend.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def launched_world_size() -> int:
+    """Processes in this job, from the launcher's environment (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device_name: str = "auto") -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (once) and pick this rank's device."""
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if not use_cuda:
+        # DeepSpeed picks its accelerator at import: tell it before the first import.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)

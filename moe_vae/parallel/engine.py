@@ -1,0 +1,99 @@
+"""The DeepSpeed engine: the only place deepspeed.initialize is called.
+
+Each value has one owner. The DeepSpeed JSON file holds engine knobs only (ZeRO stage, buckets);
+batch size, learning rate and optimizer, precision and clipping come from our config and are
+written into the DeepSpeed dict here. A JSON file that sets one of those is rejected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_vae.config.schema import Config
+from moe_vae.errors import MoeVaeError
+
+# DeepSpeed key -> the key of our config that owns it.
+OWNED_BY_US = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.batch_size",
+    "optimizer": "optim.*",
+    "scheduler": "optim.*",
+    "fp16": "train.precision",
+    "bf16": "train.precision",
+    "gradient_clipping": "optim.grad_clip",
+}
+
+
+def load_knobs(path: str | None) -> dict[str, Any]:
+    """Engine knobs from a DeepSpeed JSON file (null: ZeRO stage 0), checked."""
+    if path is None:
+        return {"zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+    try:
+        knobs = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MoeVaeError(f"parallel.deepspeed_config {path!r} not found") from None
+    except ValueError as err:
+        raise MoeVaeError(f"parallel.deepspeed_config {path!r} is not valid JSON: {err}") from None
+    if not isinstance(knobs, dict):
+        raise MoeVaeError(f"parallel.deepspeed_config {path!r} must hold a JSON object")
+    owned = sorted(k for k in knobs if k in OWNED_BY_US)
+    if owned:
+        raise MoeVaeError(
+            f"parallel.deepspeed_config {path!r} sets "
+            + ", ".join(f"{k} (owned by {OWNED_BY_US[k]})" for k in owned)
+            + ": remove them from the JSON and set them in the moe-vae config"
+        )
+    stage = knobs.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise MoeVaeError(
+            f"parallel.deepspeed_config {path!r}: ZeRO stage {stage} is not supported; "
+            f"use 0, 1 or 2 (stage 3 would partition the expert shards' weights themselves)"
+        )
+    return knobs
+
+
+def deepspeed_dict(cfg: Config, world_size: int, knobs: dict[str, Any]) -> dict[str, Any]:
+    if cfg.train.batch_size % world_size:
+        raise MoeVaeError(
+            f"train.batch_size={cfg.train.batch_size} (global) must divide evenly over "
+            f"{world_size} processes"
+        )
+    ds = dict(knobs)
+    ds.update(
+        train_batch_size=cfg.train.batch_size,
+        train_micro_batch_size_per_gpu=cfg.train.batch_size // world_size,
+        gradient_accumulation_steps=1,
+    )
+    if cfg.optim.grad_clip:
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+    if cfg.train.precision != "fp32":
+        ds[cfg.train.precision] = {"enabled": True}
+    return ds
+
+
+def build_engine(model: nn.Module, cfg: Config, world_size: int) -> Any:
+    """Adam over all parameters, expert parameters in DeepSpeed's MoE param groups."""
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    if cfg.train.precision != "fp32" and not torch.cuda.is_available():
+        raise MoeVaeError(f"train.precision={cfg.train.precision} needs a GPU; use fp32 on CPU")
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "parameters"}
+    )
+    optimizer = torch.optim.Adam(
+        groups,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    ds = deepspeed_dict(cfg, world_size, load_knobs(cfg.parallel.deepspeed_config))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    return engine

@@ -1,0 +1,125 @@
+"""One object that knows how this process takes part in the job, for the trainer to consult.
+
+Single process, plain PyTorch: every helper is the identity. Under the DeepSpeed engine: the
+process group, the expert-parallel group, and the few collectives the trainer needs (sum of the
+balancing importance, averages for logging, gathering expert shards for figures/checkpoints).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moe_vae.config.schema import Config
+from moe_vae.errors import MoeVaeError
+from moe_vae.model.mixture import MixtureOfVAEs
+from moe_vae.parallel.dist import DistInfo, init_distributed, launched_world_size
+from moe_vae.parallel.groups import ExpertParallel
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MoeVaeError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass
+class Parallel:
+    info: DistInfo
+    ep: ExpertParallel | None = None  # set when the DeepSpeed engine is used
+
+    @property
+    def distributed(self) -> bool:
+        return self.ep is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.info.rank == 0
+
+    @property
+    def expert_ids(self) -> range | None:
+        return self.ep.experts if self.ep else None
+
+    def sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        from moe_vae.parallel.dispatch import all_reduce_sum
+
+        return all_reduce_sum(x) if self.info.world_size > 1 else x
+
+    def mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """Average of a detached tensor over all ranks (logging only)."""
+        if self.info.world_size == 1:
+            return x
+        import torch.distributed as dist
+
+        out = x.detach().clone()
+        dist.all_reduce(out)
+        return out / self.info.world_size
+
+    def gather_experts(self, x_E: torch.Tensor) -> torch.Tensor:
+        """This rank's expert shard [E_l, ...] -> every expert [E, ...] (on every group rank)."""
+        if self.ep is None or self.ep.size == 1:
+            return x_E
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x_E) for _ in range(self.ep.size)]
+        dist.all_gather(parts, x_E.contiguous(), group=self.ep.group)
+        return torch.cat(parts)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's value of a picklable object, on every rank."""
+        if self.info.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.info.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def setup_parallel(cfg: Config) -> Parallel:
+    world = launched_world_size()
+    engine = cfg.parallel.engine
+    if engine == "plain" or (engine == "auto" and world == 1):
+        if world > 1:
+            raise MoeVaeError(
+                f"parallel.engine=plain trains on one process, but the launcher started {world}: "
+                f"use parallel.engine=deepspeed (or auto)"
+            )
+        return Parallel(DistInfo(0, 1, 0, pick_device(cfg.train.device)))
+    from moe_vae.parallel.groups import check_ep_size, create_expert_parallel
+
+    info = init_distributed(cfg.train.device)
+    ep_size = check_ep_size(cfg.model.num_experts, info.world_size, cfg.parallel.ep_size)
+    return Parallel(info, create_expert_parallel(cfg.model.num_experts, ep_size))
+
+
+def parallelize(model: MixtureOfVAEs, par: Parallel, seed: int) -> None:
+    """Expert parallelism applied from outside the model: the all-to-all dispatcher, distinct
+    initial weights per expert shard, and DeepSpeed's MoE marks on the expert parameters."""
+    if par.ep is None:
+        return
+    from moe_vae.model.experts import build_expert_bank
+    from moe_vae.parallel.dispatch import AllToAllDispatcher
+    from moe_vae.parallel.groups import attach_moe_marker, mark_expert_params
+
+    ep = par.ep
+    if ep.size > 1:
+        model.dispatcher = AllToAllDispatcher(ep.group, ep.group_ranks)
+        # Every rank built its shard from the same seed: re-draw it per shard so that experts
+        # on different ranks start different (the replicated manager stays identical).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 7919 + ep.rank + 1)
+            fresh = build_expert_bank(model.cfg, model.image_shape, len(ep.experts))
+        model.experts.load_state_dict(fresh.state_dict())
+    mark_expert_params(model.experts, ep.group_name)
+    attach_moe_marker(model, ep, model.num_experts)
