@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="moe-vae", description="Train and use Mixtures of Variational Autoencoders."
     )
     parser.add_argument("--version", action="version", version=f"moe-vae {__version__}")
+    # The deepspeed launcher puts --local_rank=N before the command; the rank comes from the
+    # environment (LOCAL_RANK), as with torchrun and accelerate.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = sub.add_parser(
         "train",
@@ -41,8 +44,6 @@ def _parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment.
-    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     _add_data_parser(sub)
     return parser
 
@@ -128,6 +129,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     result = train(
         cfg, run_name=args.config.stem if args.config else "mnist_seed", quiet=args.quiet
     )
+    if not result.is_main:
+        return 0
     ev = result.final_eval
     if "accuracy" in ev:
         print(

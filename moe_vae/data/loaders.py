@@ -203,20 +203,28 @@ class StreamingLoader:
         steps = self.steps_in_epoch(epoch)
         latest: dict[int, dict[str, int]] = {}
         done = 0
-        batches = (b for item in loader for b in split_batch(item, self.batch_size))
-        for i, batch in enumerate(batches):
-            if i >= steps:
-                break
-            latest[batch.worker] = batch.bad
-            self.report.good += self.batch_size
+        for item in loader:
+            latest[item.worker] = item.bad
             self._update_counts(latest)
-            self.report.check()
-            done = i + 1
-            if i >= skip:
-                yield batch
+            for batch in split_batch(item, self.batch_size):
+                if done >= steps:
+                    break
+                self.report.good += self.batch_size
+                self.report.check()
+                done += 1
+                if done > skip:
+                    yield batch
+            if done >= steps:
+                break
         self.report.check(final=True)
         if done < steps:
-            # Bad samples shrank a worker's share below plan; the trainer ends the epoch here.
+            if self.world_size > 1:
+                # The other ranks would wait for this one in a collective: stop the job instead.
+                raise BadDataError(
+                    f"rank {self.rank} ran out of data after {done} of {steps} planned steps in "
+                    f"epoch {epoch} (bad samples: {dict(self.report.counts)}); fix the shards"
+                )
+            # One process: the epoch just ends early.
             self.report.counts["short_epoch_steps"] += steps - done
 
     def _update_counts(self, latest: dict[int, dict[str, int]]) -> None:

@@ -156,6 +156,15 @@ def _batches(
     full = (have // batch_size) * batch_size
     if full:
         yield _as_batch(_take(_concat(pending), slice(0, full)), counter, worker)
+    # A last, empty item: the worker's final bad-sample counts reach the main process even when
+    # it produced no batch at all.
+    yield Batch(
+        torch.empty(0, dtype=torch.uint8),
+        torch.empty(0, dtype=torch.int64),
+        [],
+        dict(counter.counts),
+        worker,
+    )
 
 
 def _as_batch(c: Chunk, counter: BadSampleCounter, worker: int) -> Batch:

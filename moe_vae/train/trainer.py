@@ -34,6 +34,7 @@ from moe_vae.model.losses import LossTerms, objective
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.parallel.engine import build_engine
 from moe_vae.parallel.setup import parallelize, setup_parallel
+from moe_vae.parallel.sharding import full_state_dict, load_full_state_dict
 from moe_vae.track.jsonl import JsonlLogger
 from moe_vae.train.checkpoint import (
     CheckpointError,
@@ -52,6 +53,7 @@ class RunResult:
     run_dir: Path
     final_eval: dict[str, Any]
     epochs: list[dict[str, Any]]
+    is_main: bool = True  # rank 0 (the rank that wrote the outputs)
 
 
 def seed_everything(seed: int) -> None:
@@ -136,35 +138,13 @@ class Trainer:
         if self.log is not None:
             self.log.log(record)
 
-    def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model on every rank: expert shards gathered along the expert dimension."""
-        out = {}
-        E_l = self.model.experts.num_experts
-        for name, value in self.model.state_dict().items():
-            if name.startswith("experts.") and self.par.distributed:
-                full = self.par.gather_experts(value.reshape(E_l, -1))
-                value = full.reshape(-1, *value.shape[1:])
-            out[name] = value.detach().cpu().contiguous()
-        return out
-
-    def _load_full_state_dict(self, full: dict[str, torch.Tensor]) -> None:
-        """Load a whole-model state dict, keeping this rank's expert shard."""
-        ids = self.model.expert_ids
-        local = {}
-        for name, value in self.model.state_dict().items():
-            saved = full[name]
-            if name.startswith("experts.") and len(ids) != self.model.num_experts:
-                saved = saved.reshape(self.model.num_experts, -1)[ids.start : ids.stop]
-                saved = saved.reshape(value.shape)
-            local[name] = saved
-        self.model.load_state_dict(local)
-
     def _state(self) -> dict[str, Any]:
         rng = rng_state()
         state = {
-            "model": self._full_state_dict(),
+            "model": full_state_dict(self.model, self.par),
             "config": config_to_yaml(self.cfg),
             "world_size": self.par.info.world_size,
+            "image_shape": list(self.image_shape),
             "step": self.step,
             "epoch": self.epoch,
             "batches_done": self.batches_done,
@@ -197,7 +177,13 @@ class Trainer:
                 f"checkpoint {self.cfg.train.resume!r} holds a different model "
                 f"({saved.get('model')}); resume with the same model section"
             )
-        self._load_full_state_dict(ckpt["model"])
+        try:
+            load_full_state_dict(self.model, ckpt["model"])
+        except (KeyError, RuntimeError) as err:
+            raise CheckpointError(
+                f"checkpoint {self.cfg.train.resume!r} does not fit this model: "
+                f"{str(err).splitlines()[0]}"
+            ) from None
         if "optim" in ckpt and self.engine is None:
             self.optim.load_state_dict(ckpt["optim"])
         elif self.par.is_main:
@@ -315,6 +301,7 @@ class Trainer:
                 "test_samples": len(self.data.test.images) if self.data.test else 0,
                 "steps_per_epoch": self.data.train.steps_in_epoch(1),
                 "world_size": self.par.info.world_size,
+                "image_shape": list(self.image_shape),
                 "ep_size": self.par.ep.size if self.par.ep else 1,
             }
         )
@@ -341,11 +328,11 @@ class Trainer:
         final_eval.update(epochs_run=len(self.epochs), steps=self.step)
         self.save_checkpoint()
         self.finish(final_eval)
-        return RunResult(self.run_dir, final_eval, self.epochs)
+        return RunResult(self.run_dir, final_eval, self.epochs, self.par.is_main)
 
     def finish(self, final_eval: dict[str, Any]) -> None:
         """Final metrics, figures and weights (consolidated) into the run directory."""
-        weights = self._full_state_dict()  # a collective: every rank takes part
+        weights = full_state_dict(self.model, self.par)  # a collective: every rank takes part
         if self.log is None:
             return
         (self.run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))

@@ -23,6 +23,7 @@ from moe_vae.model.losses import objective
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.parallel.engine import build_engine
 from moe_vae.parallel.setup import parallelize, setup_parallel
+from moe_vae.parallel.sharding import load_full_state_dict
 
 SHAPE = (1, 4, 4)
 
@@ -72,15 +73,8 @@ def main() -> int:
 
     model = MixtureOfVAEs(cfg.model, SHAPE, expert_ids=par.expert_ids)
     parallelize(model, par, cfg.train.seed)
+    load_full_state_dict(model, ref.state_dict())
     ids = model.expert_ids
-    local = {}
-    for name, value in ref.state_dict().items():
-        if name.startswith("experts."):
-            value = value.reshape(args.experts, -1)[ids.start : ids.stop].reshape(
-                model.state_dict()[name].shape
-            )
-        local[name] = value.clone()
-    model.load_state_dict(local)
     model.noise = noise
     engine = build_engine(model, cfg, world)
 
