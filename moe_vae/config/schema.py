@@ -31,6 +31,21 @@ class ModelConfig(Section):
     var_floor: Annotated[float, Field(gt=0)] = 1e-5
     # Conv experts only: output channels of each stride-2 conv (the decoder mirrors them).
     conv_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])
+    # dense: every expert sees every input (the seed's loss); topk: each input goes to the
+    # top_k experts of its manager, and the loss sums p_i L_i over those only.
+    routing: Literal["dense", "topk"] = "dense"
+    top_k: PositiveInt = 1
+    # Top-k only: each expert takes at most capacity_factor * (inputs * top_k / experts) inputs
+    # per batch and rank; the rest are dropped (counted). 0 = dropless (capacity = busiest expert).
+    capacity_factor: Annotated[float, Field(ge=0)] = 1.25
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> ModelConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"model.top_k={self.top_k} is more than model.num_experts={self.num_experts}"
+            )
+        return self
 
 
 class LossConfig(Section):

@@ -42,10 +42,12 @@ def evaluate(
     clusters, labels, expected, mixture, n = [], [], 0.0, 0.0, 0
     for images, labels_B in batches:
         x_BD = to_inputs(images.to(device))
-        logits_BE, loss_BE = model.losses(x_BD, loss_cfg, generator=gen)
-        probs_BE = logits_BE.softmax(-1)
-        expected += expected_expert_loss(probs_BE, loss_BE).item() * len(x_BD)
-        mixture += mixture_nll(logits_BE, loss_BE).item() * len(x_BD)
+        routed = model.losses(x_BD, loss_cfg, generator=gen)
+        probs_BE = routed.logits_BE.softmax(-1)
+        expected += expected_expert_loss(probs_BE, routed.loss_BE, routed.mask_BE).item() * len(
+            x_BD
+        )
+        mixture += mixture_nll(routed.logits_BE, routed.loss_BE, routed.mask_BE).item() * len(x_BD)
         n += len(x_BD)
         clusters.append(probs_BE.argmax(-1).cpu())
         labels.append(labels_B.cpu())

@@ -1,14 +1,19 @@
 """How inputs reach the experts and per-expert losses come back to the inputs' owner.
 
-Legend: B this rank's batch, N inputs a rank's experts see, E all experts, E_l local experts.
-The model calls `dispatcher.expert_losses(x_BD, local_losses)`; `local_losses(x_ND, ids_N)` runs
-this rank's experts and returns their losses [E_l, N]. `ids_N` are the inputs' positions in the
-global batch (rank-major), so per-sample noise can be made identical however experts are sharded.
+Legend: B this rank's batch, K experts per input (top-k), N inputs an expert sees, E all experts,
+E_l experts on this rank, C capacity (input slots per expert), D input.
+
+`local_losses(x, ids)` runs this rank's experts and returns their losses [E_l, N]; x is [N, D]
+(one batch for every expert: dense routing) or [E_l, N, D] (a batch per expert: top-k), and ids
+(the same shape without D) are the inputs' positions in the global batch (rank-major), so
+per-sample latent noise can be made identical however the experts are sharded.
+
 The local dispatcher here holds every expert; the all-to-all one lives in moe_vae.parallel.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -19,13 +24,91 @@ LocalLosses = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class Dispatcher(Protocol):
     def expert_losses(self, x_BD: torch.Tensor, local_losses: LocalLosses) -> torch.Tensor:
-        """Loss of every expert on every input of this rank: [B, E]."""
+        """Dense: loss of every expert on every input of this rank, [B, E]."""
+        ...
+
+    def expert_losses_topk(
+        self,
+        x_BD: torch.Tensor,
+        idx_BK: torch.Tensor,
+        local_losses: LocalLosses,
+        num_experts: int,
+        capacity_factor: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k: (loss of each chosen expert [B, K], kept [B, K] (False = dropped))."""
         ...
 
 
+def capacity(tokens: int, k: int, num_experts: int, factor: float) -> int:
+    """Input slots per expert: factor * (tokens * k / E), at least 1."""
+    return max(1, math.ceil(factor * tokens * k / num_experts))
+
+
+def plan_slots(idx_BK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (input, choice) pair's slot in its expert's queue, first come first served in batch
+    order: (slot [B*K], inputs per expert [E])."""
+    e_P = idx_BK.flatten()
+    order = torch.argsort(e_P, stable=True)
+    counts_E = torch.bincount(e_P, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    slot_P = torch.empty_like(e_P)
+    slot_P[order] = torch.arange(len(e_P), device=e_P.device) - starts_E[e_P[order]]
+    return slot_P, counts_E
+
+
+def pack(
+    x_BD: torch.Tensor,
+    idx_BK: torch.Tensor,
+    slot_P: torch.Tensor,
+    cap: int,
+    num_experts: int,
+    id_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs laid out per expert: (x [E, C, D] (zeros in empty slots), global ids [E, C],
+    kept [B*K]: pairs beyond an expert's capacity are dropped)."""
+    B, K = idx_BK.shape
+    e_P, kept_P = idx_BK.flatten(), slot_P < cap
+    b_P = torch.arange(B, device=x_BD.device).repeat_interleave(K)
+    x_ECD = x_BD.new_zeros(num_experts, cap, x_BD.shape[1])
+    ids_EC = torch.zeros(num_experts, cap, dtype=torch.long, device=x_BD.device)
+    e, s, b = e_P[kept_P], slot_P[kept_P], b_P[kept_P]
+    x_ECD[e, s] = x_BD[b]
+    ids_EC[e, s] = b + id_offset
+    return x_ECD, ids_EC, kept_P
+
+
+def unpack(
+    loss_EC: torch.Tensor, idx_BK: torch.Tensor, slot_P: torch.Tensor, kept_P: torch.Tensor
+) -> torch.Tensor:
+    """Each pair's loss back in [B, K] order (0 where dropped)."""
+    e_P = idx_BK.flatten()
+    loss_P = loss_EC.new_zeros(len(e_P))
+    loss_P[kept_P] = loss_EC[e_P[kept_P], slot_P[kept_P]]
+    return loss_P.view(idx_BK.shape)
+
+
 class LocalDispatcher:
-    """All experts on this device: every input goes to every expert, nothing moves."""
+    """All experts on this device."""
 
     def expert_losses(self, x_BD: torch.Tensor, local_losses: LocalLosses) -> torch.Tensor:
         ids_B = torch.arange(len(x_BD), device=x_BD.device)
         return local_losses(x_BD, ids_B).transpose(0, 1)
+
+    def expert_losses_topk(
+        self,
+        x_BD: torch.Tensor,
+        idx_BK: torch.Tensor,
+        local_losses: LocalLosses,
+        num_experts: int,
+        capacity_factor: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        slot_P, counts_E = plan_slots(idx_BK, num_experts)
+        B, K = idx_BK.shape
+        cap = (
+            max(int(counts_E.max()), 1)
+            if capacity_factor == 0
+            else capacity(B, K, num_experts, capacity_factor)
+        )
+        x_ECD, ids_EC, kept_P = pack(x_BD, idx_BK, slot_P, cap, num_experts)
+        loss_EC = local_losses(x_ECD, ids_EC)
+        return unpack(loss_EC, idx_BK, slot_P, kept_P), kept_P.view(B, K)

@@ -9,12 +9,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from moe_vae.config.schema import LossConfig
 from moe_vae.model.experts import ExpertOutput
+
+if TYPE_CHECKING:
+    from moe_vae.model.mixture import Routed
 
 
 def gaussian_nll(x_BD: torch.Tensor, x_logits_EBD: torch.Tensor, std: float) -> torch.Tensor:
@@ -45,14 +49,26 @@ def elbo_losses(x_BD: torch.Tensor, out: ExpertOutput, cfg: LossConfig) -> torch
     return nll_EB + kl_standard_normal(out.mu_EBZ, out.var_EBZ)
 
 
-def expected_expert_loss(probs_BE: torch.Tensor, loss_BE: torch.Tensor) -> torch.Tensor:
-    """mean over the batch of Σ_i p_i(x) L_i(x)."""
-    return (probs_BE * loss_BE).sum(-1).mean()
+def expected_expert_loss(
+    probs_BE: torch.Tensor, loss_BE: torch.Tensor, mask_BE: torch.Tensor | None = None
+) -> torch.Tensor:
+    """mean over the batch of Σ_i p_i(x) L_i(x) (over the routed experts only, with a mask)."""
+    weighted = probs_BE * loss_BE
+    if mask_BE is not None:
+        weighted = weighted * mask_BE
+    return weighted.sum(-1).mean()
 
 
-def mixture_nll(logits_BE: torch.Tensor, loss_BE: torch.Tensor) -> torch.Tensor:
-    """mean over the batch of −log Σ_i p_i(x) exp(−L_i(x)), computed stably in log space."""
-    return -torch.logsumexp(logits_BE.log_softmax(-1) - loss_BE, dim=-1).mean()
+def mixture_nll(
+    logits_BE: torch.Tensor, loss_BE: torch.Tensor, mask_BE: torch.Tensor | None = None
+) -> torch.Tensor:
+    """mean over the batch of −log Σ_i p_i(x) exp(−L_i(x)), computed stably in log space.
+    With a mask the sum runs over the routed experts; an input with none counts 0."""
+    terms_BE = logits_BE.log_softmax(-1) - loss_BE
+    if mask_BE is None:
+        return -torch.logsumexp(terms_BE, dim=-1).mean()
+    lse_B = torch.logsumexp(terms_BE.masked_fill(~mask_BE, float("-inf")), dim=-1)
+    return -torch.where(mask_BE.any(-1), lse_B, torch.zeros_like(lse_B)).mean()
 
 
 def variance_balancing(
@@ -76,18 +92,19 @@ class LossTerms:
     mixture: torch.Tensor  # mixture negative log-likelihood (always reported)
     balancing: torch.Tensor  # unweighted balancing term
     loss_BE: torch.Tensor  # per-input per-expert L_i(x)
+    dropped: torch.Tensor | None = None  # top-k: (input, expert) pairs over capacity
 
 
 def objective(
-    logits_BE: torch.Tensor,
-    loss_BE: torch.Tensor,
+    routed: Routed,
     cfg: LossConfig,
     sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> LossTerms:
     """Total = (expected expert loss or mixture NLL) + balancing_weight * balancing."""
+    logits_BE, loss_BE, mask_BE = routed.logits_BE, routed.loss_BE, routed.mask_BE
     probs_BE = logits_BE.softmax(-1)
-    expected = expected_expert_loss(probs_BE, loss_BE)
-    mixture = mixture_nll(logits_BE, loss_BE)
+    expected = expected_expert_loss(probs_BE, loss_BE, mask_BE)
+    mixture = mixture_nll(logits_BE, loss_BE, mask_BE)
     balancing = variance_balancing(probs_BE, sum_over_ranks)
     main = expected if cfg.objective == "expected" else mixture
     return LossTerms(main + cfg.balancing_weight * balancing, expected, mixture, balancing, loss_BE)

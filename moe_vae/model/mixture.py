@@ -26,6 +26,16 @@ NoiseFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
+class Routed:
+    """What the loss needs from one forward pass."""
+
+    logits_BE: torch.Tensor  # manager logits over all experts
+    loss_BE: torch.Tensor  # L_i(x) where routed (0 elsewhere)
+    mask_BE: torch.Tensor | None = None  # top-k: which (input, expert) pairs were computed
+    dropped: torch.Tensor | None = None  # top-k: pairs over capacity (a 0-d count)
+
+
+@dataclass
 class MixtureOutput:
     logits_BE: torch.Tensor  # manager logits
     probs_BE: torch.Tensor  # softmax(logits_BE)
@@ -66,15 +76,24 @@ class MixtureOfVAEs(nn.Module):
 
     def losses(
         self, x_BD: torch.Tensor, loss_cfg: LossConfig, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(manager logits [B, E], L_i(x) of every expert on every input [B, E])."""
+    ) -> Routed:
+        """The manager's logits and the routed experts' losses L_i(x) on this rank's inputs."""
         ids_E = torch.tensor(list(self.expert_ids), device=x_BD.device)
 
-        def local_losses(x_ND: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
-            eps = self.noise(ids_E, ids_N, self.cfg.z_dim) if self.noise is not None else None
-            return elbo_losses(x_ND, self.experts(x_ND, generator=generator, eps_EBZ=eps), loss_cfg)
+        def local_losses(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            eps = self.noise(ids_E, ids, self.cfg.z_dim) if self.noise is not None else None
+            return elbo_losses(x, self.experts(x, generator=generator, eps_EBZ=eps), loss_cfg)
 
-        return self.manager(x_BD), self.dispatcher.expert_losses(x_BD, local_losses)
+        logits_BE = self.manager(x_BD)
+        if self.cfg.routing == "dense":
+            return Routed(logits_BE, self.dispatcher.expert_losses(x_BD, local_losses))
+        idx_BK = logits_BE.detach().topk(self.cfg.top_k, dim=-1).indices
+        loss_BK, kept_BK = self.dispatcher.expert_losses_topk(
+            x_BD, idx_BK, local_losses, self.num_experts, self.cfg.capacity_factor
+        )
+        loss_BE = logits_BE.new_zeros(logits_BE.shape).scatter(1, idx_BK, loss_BK)
+        mask_BE = torch.zeros_like(logits_BE, dtype=torch.bool).scatter(1, idx_BK, kept_BK)
+        return Routed(logits_BE, loss_BE, mask_BE, (~kept_BK).sum())
 
     @torch.no_grad()
     def assign(self, x_BD: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,9 @@ Legend: G ranks in the expert-parallel group, B inputs per rank, D input, E_l ex
 Dense routing (the seed's loss: every expert sees every input): each rank gathers the group's
 inputs [G*B, D], runs its E_l experts on all of them, and an all-to-all returns each input's
 losses [E_l] from every rank to the input's owner, which then holds [B, E] in global expert order.
+Top-k routing: each rank lays its inputs out per chosen expert with a fixed capacity C ([E, C, D],
+so the all-to-all has equal splits), sends expert e's slots to the rank holding e, which runs
+its experts on [E_l, G*C, D] and sends the losses back the same way.
 The all-to-all is differentiable: its backward is the reverse all-to-all, so expert gradients
 reach the ranks holding the experts.
 """
@@ -15,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_vae.model.dispatch import LocalLosses
+from moe_vae.model.dispatch import LocalLosses, capacity, pack, plan_slots, unpack
 
 
 class _AllToAll(torch.autograd.Function):
@@ -60,7 +63,7 @@ def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
 
 
 class AllToAllDispatcher:
-    """Dense expert-parallel routing within one expert-parallel group."""
+    """Expert-parallel routing (dense or top-k) within one expert-parallel group."""
 
     def __init__(self, group: dist.ProcessGroup, group_ranks: list[int]) -> None:
         self.group, self.group_ranks = group, group_ranks
@@ -76,3 +79,36 @@ class AllToAllDispatcher:
         send_GEB = loss_EN.view(E_l, G, B).transpose(0, 1)  # chunk g: group rank g's inputs
         recv_GEB = _AllToAll.apply(send_GEB, self.group)  # chunk g: group rank g's experts
         return recv_GEB.reshape(G * E_l, B).transpose(0, 1)  # [B, E], experts in global order
+
+    def expert_losses_topk(
+        self,
+        x_BD: torch.Tensor,
+        idx_BK: torch.Tensor,
+        local_losses: LocalLosses,
+        num_experts: int,
+        capacity_factor: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        G, (B, K), D = len(self.group_ranks), idx_BK.shape, x_BD.shape[1]
+        E_l = num_experts // G
+        slot_P, counts_E = plan_slots(idx_BK, num_experts)
+        if capacity_factor == 0:  # dropless: the busiest expert's queue, agreed by the group
+            busiest = counts_E.max().reshape(1)
+            dist.all_reduce(busiest, op=dist.ReduceOp.MAX, group=self.group)
+            cap = max(int(busiest), 1)
+        else:
+            cap = capacity(B, K, num_experts, capacity_factor)
+        x_ECD, ids_EC, kept_P = pack(
+            x_BD, idx_BK, slot_P, cap, num_experts, id_offset=dist.get_rank() * B
+        )
+        # Expert e's slots go to the group rank holding e: chunk g = experts g*E_l..(g+1)*E_l.
+        x_in = _AllToAll.apply(x_ECD.view(G, E_l, cap, D), self.group)
+        ids_in = torch.empty_like(ids_EC)
+        dist.all_to_all_single(ids_in, ids_EC.contiguous(), group=self.group)
+        loss_LN = local_losses(
+            x_in.transpose(0, 1).reshape(E_l, G * cap, D),
+            ids_in.view(G, E_l, cap).transpose(0, 1).reshape(E_l, G * cap),
+        )
+        # Back to the inputs' owners: chunk g of the reply holds group rank g's experts.
+        loss_back = _AllToAll.apply(loss_LN.view(E_l, G, cap).transpose(0, 1), self.group)
+        loss_EC = loss_back.reshape(num_experts, cap)
+        return unpack(loss_EC, idx_BK, slot_P, kept_P), kept_P.view(B, K)

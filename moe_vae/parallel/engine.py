@@ -70,8 +70,8 @@ def deepspeed_dict(cfg: Config, world_size: int, knobs: dict[str, Any]) -> dict[
         train_micro_batch_size_per_gpu=cfg.train.batch_size // world_size,
         gradient_accumulation_steps=1,
     )
-    if cfg.optim.grad_clip:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
+    # Always written: DeepSpeed's own default clips the gradient norm to 1.0, silently.
+    ds["gradient_clipping"] = cfg.optim.grad_clip
     if cfg.train.precision != "fp32":
         ds[cfg.train.precision] = {"enabled": True}
     return ds

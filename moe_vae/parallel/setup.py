@@ -85,6 +85,16 @@ class Parallel:
 
             dist.barrier()
 
+    def shutdown(self) -> None:
+        """End of a successful run: leave together and free the process group, so no rank's
+        communication threads are still running when the interpreter exits (gloo aborts)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+
 
 def setup_parallel(cfg: Config) -> Parallel:
     world = launched_world_size()

@@ -45,7 +45,13 @@ from moe_vae.train.checkpoint import (
 )
 from moe_vae.train.run_dir import prepare_run_dir
 
-STEP_KEYS = ("loss/total", "loss/expected", "loss/balancing", "loss/mixture")
+STEP_KEYS = (
+    "loss/total",
+    "loss/expected",
+    "loss/balancing",
+    "loss/mixture",
+    "route/dropped_fraction",  # top-k: (input, expert) pairs over capacity, of all pairs
+)
 
 
 @dataclass
@@ -228,7 +234,14 @@ class Trainer:
             self.batches_done += 1
             self.epoch_steps += 1
             bar.update()
-            values = torch.stack([terms.total, terms.expected, terms.balancing, terms.mixture])
+            dropped = (
+                terms.dropped / (len(x_BD) * cfg.model.top_k)
+                if terms.dropped is not None
+                else terms.total.new_zeros(())
+            )
+            values = torch.stack(
+                [terms.total, terms.expected, terms.balancing, terms.mixture, dropped]
+            )
             self.epoch_sums += values.detach()
             if self.step % cfg.train.log_every == 0:
                 # One host sync per logged step, not per step; the average over ranks.
@@ -266,10 +279,9 @@ class Trainer:
         """Forward (through the dispatcher), backward, optimizer step."""
         cfg = self.cfg
         world = self.par.info.world_size
-        logits_BE, loss_BE = self.model.losses(x_BD, cfg.loss)
-        terms = objective(
-            logits_BE, loss_BE, cfg.loss, self.par.sum_over_ranks if world > 1 else None
-        )
+        routed = self.model.losses(x_BD, cfg.loss)
+        terms = objective(routed, cfg.loss, self.par.sum_over_ranks if world > 1 else None)
+        terms.dropped = routed.dropped
         if self.engine is not None:  # DeepSpeed reduces gradients (experts over their group)
             self.engine.backward(terms.total)
             self.engine.step()
@@ -354,7 +366,10 @@ class Trainer:
 
 def train(cfg: Config, run_name: str = "run", quiet: bool = False) -> RunResult:
     """Train one run to the end (or train.max_steps) and write its outputs."""
-    return Trainer(cfg, run_name, quiet).fit()
+    trainer = Trainer(cfg, run_name, quiet)
+    result = trainer.fit()
+    trainer.par.shutdown()
+    return result
 
 
 def _epoch_summary(r: dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ def main() -> int:
     ap.add_argument("--ep-size", type=int, default=0)
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top-k", type=int, default=0, help="0 = dense routing")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -49,10 +50,19 @@ def main() -> int:
         f"--train.batch_size={B_global}",
         "--parallel.engine=deepspeed",
         "--optim.lr=0.01",
+        # With a tiny eps, Adam ignores the gradient's scale: a larger one makes a scaled
+        # gradient (such as DeepSpeed's default clipping) show in the parameters.
+        "--optim.eps=1e-3",
         f"--parallel.deepspeed_config={args.zero_config}",
     ]
     if args.ep_size:
         overrides.append(f"--parallel.ep_size={args.ep_size}")
+    if args.top_k:  # dropless, so that drops cannot differ between 1 and N ranks
+        overrides += [
+            "--model.routing=topk",
+            f"--model.top_k={args.top_k}",
+            "--model.capacity_factor=0",
+        ]
     cfg = load_config(None, overrides)
     par = setup_parallel(cfg)
     world, rank = par.info.world_size, par.info.rank
@@ -64,12 +74,13 @@ def main() -> int:
     step_box = [0]
 
     def noise(expert_ids, sample_ids, z_dim):
-        return eps_table[step_box[0]][expert_ids][:, sample_ids]
+        # sample_ids: [N] (dense) or [E_l, N] (top-k slots); the same eps either way.
+        return eps_table[step_box[0]][expert_ids[:, None], sample_ids]
 
     torch.manual_seed(0)
     ref = MixtureOfVAEs(cfg.model, SHAPE)
     ref.noise = noise
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=cfg.optim.lr)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps)
 
     model = MixtureOfVAEs(cfg.model, SHAPE, expert_ids=par.expert_ids)
     parallelize(model, par, cfg.train.seed)
@@ -94,10 +105,10 @@ def main() -> int:
     for step in range(args.steps):
         step_box[0] = step
         x_r = x_all[step, rank * B : (rank + 1) * B]
-        terms = objective(*model.losses(x_r, cfg.loss), cfg.loss, par.sum_over_ranks)
+        terms = objective(model.losses(x_r, cfg.loss), cfg.loss, par.sum_over_ranks)
         engine.backward(terms.total)
 
-        ref_terms = objective(*ref.losses(x_all[step], cfg.loss), cfg.loss)
+        ref_terms = objective(ref.losses(x_all[step], cfg.loss), cfg.loss)
         ref_opt.zero_grad()
         ref_terms.total.backward()
 
@@ -127,6 +138,7 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump(report, f)
     print(f"rank {rank}: {report}", flush=True)
+    par.shutdown()
     return 0 if ok else 1
 
 

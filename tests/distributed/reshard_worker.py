@@ -48,12 +48,13 @@ def main() -> int:
     B = B_global // world
     with torch.no_grad():
         terms = objective(
-            *model.losses(x[rank * B : (rank + 1) * B], cfg.loss), cfg.loss, par.sum_over_ranks
+            model.losses(x[rank * B : (rank + 1) * B], cfg.loss), cfg.loss, par.sum_over_ranks
         )
     loss = par.mean_over_ranks(terms.total).item()
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"loss": loss, "world": world, "ep": par.ep.size}, f)
+    par.shutdown()
     return 0
 
 

@@ -48,19 +48,37 @@ def deepspeed(n: int, script: str, *args: str, timeout: int = TIMEOUT):
 
 
 @pytest.mark.parametrize(
-    ("world", "zero", "ep"),
-    [(2, 0, 0), (4, 0, 0), (2, 1, 0), (4, 2, 0), (4, 1, 2)],
-    ids=["2proc-zero0", "4proc-zero0", "2proc-zero1", "4proc-zero2", "4proc-zero1-ep2"],
+    ("world", "zero", "ep", "top_k"),
+    [
+        (2, 0, 0, 0),
+        (4, 0, 0, 0),
+        (2, 1, 0, 0),
+        (4, 2, 0, 0),
+        (4, 1, 2, 0),
+        (2, 0, 0, 2),
+        (4, 2, 0, 1),
+    ],
+    ids=[
+        "2proc-zero0",
+        "4proc-zero0",
+        "2proc-zero1",
+        "4proc-zero2",
+        "4proc-zero1-ep2",
+        "2proc-zero0-top2",
+        "4proc-zero2-top1",
+    ],
 )
-def test_matches_single_process_model(tmp_path, world, zero, ep):
-    """Dense routing over all-to-all: global loss at every step, every gradient (ZeRO 0) and
-    every parameter after 3 Adam steps equal the single-process model holding all experts."""
+def test_matches_single_process_model(tmp_path, world, zero, ep, top_k):
+    """Dense and top-k routing over all-to-all: global loss at every step, every gradient
+    (ZeRO 0) and every parameter after 3 Adam steps equal the single-process model holding all
+    experts."""
     out = tmp_path / "report.json"
     proc = deepspeed(
         world,
         str(HERE / "parity_worker.py"),
         f"--zero-config={REPO}/configs/deepspeed/zero{zero}.json",
         f"--ep-size={ep}",
+        f"--top-k={top_k}",
         f"--out={out}",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -219,6 +219,6 @@ def test_bernoulli_objective_reaches_every_parameter():
     )
     x = torch.rand(6, 9)
     cfg = LossConfig(likelihood="bernoulli")
-    terms = objective(*model.losses(x, cfg), cfg)
+    terms = objective(model.losses(x, cfg), cfg)
     terms.total.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

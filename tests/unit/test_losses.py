@@ -16,6 +16,7 @@ from moe_vae.model.losses import (
     objective,
     variance_balancing,
 )
+from moe_vae.model.mixture import Routed
 
 
 def test_gaussian_nll_by_hand():
@@ -92,7 +93,7 @@ def test_objective_total_combines_terms(objective_name):
     logits = torch.randn(3, 2, generator=g, requires_grad=True)
     loss = torch.rand(3, 2, generator=g) * 10
     cfg = LossConfig(objective=objective_name, balancing_weight=0.3)
-    terms = objective(logits, loss, cfg)
+    terms = objective(Routed(logits, loss), cfg)
     main = terms.expected if objective_name == "expected" else terms.mixture
     torch.testing.assert_close(terms.total, main + 0.3 * terms.balancing)
     torch.testing.assert_close(terms.balancing, variance_balancing(logits.softmax(-1)))

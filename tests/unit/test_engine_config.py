@@ -1,0 +1,60 @@
+"""The DeepSpeed dict: our config owns batch, optimizer, precision and clipping."""
+
+import json
+
+import pytest
+
+from moe_vae.config import load_config
+from moe_vae.errors import MoeVaeError
+from moe_vae.parallel.engine import deepspeed_dict, load_knobs
+
+
+def test_values_come_from_our_config(repo):
+    cfg = load_config(None, ["--train.batch_size=96", "--optim.grad_clip=0"])
+    knobs = load_knobs(str(repo / "configs" / "deepspeed" / "zero2.json"))
+    ds = deepspeed_dict(cfg, 4, knobs)
+    assert ds["train_batch_size"] == 96 and ds["train_micro_batch_size_per_gpu"] == 24
+    assert ds["gradient_accumulation_steps"] == 1
+    assert ds["gradient_clipping"] == 0  # explicit: DeepSpeed would clip at 1.0 by default
+    assert ds["zero_optimization"]["stage"] == 2
+    assert "bf16" not in ds and "fp16" not in ds
+    cfg = load_config(None, ["--optim.grad_clip=2.5", "--train.precision=bf16"])
+    ds = deepspeed_dict(cfg, 1, load_knobs(None))
+    assert ds["gradient_clipping"] == 2.5 and ds["bf16"] == {"enabled": True}
+
+
+def test_shipped_knob_files_hold_engine_knobs_only(repo):
+    for path in sorted((repo / "configs" / "deepspeed").glob("*.json")):
+        load_knobs(str(path))
+
+
+@pytest.mark.parametrize(
+    ("knobs", "expected"),
+    [
+        ({"train_batch_size": 8}, r"train_batch_size \(owned by train\.batch_size\)"),
+        (
+            {"optimizer": {"type": "Adam"}, "bf16": {}},
+            r"bf16 \(owned by train\.precision\), optimizer",
+        ),
+        ({"gradient_clipping": 1.0}, r"owned by optim\.grad_clip"),
+        ({"zero_optimization": {"stage": 3}}, r"ZeRO stage 3 is not supported"),
+    ],
+)
+def test_bad_knob_files(tmp_path, knobs, expected):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(knobs))
+    with pytest.raises(MoeVaeError, match=expected):
+        load_knobs(str(path))
+
+
+def test_missing_or_broken_knob_file(tmp_path):
+    with pytest.raises(MoeVaeError, match="not found"):
+        load_knobs(str(tmp_path / "none.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(MoeVaeError, match="not valid JSON"):
+        load_knobs(str(tmp_path / "bad.json"))
+
+
+def test_batch_must_split_evenly():
+    with pytest.raises(MoeVaeError, match=r"train\.batch_size=100 \(global\) must divide evenly"):
+        deepspeed_dict(load_config(None), 3, load_knobs(None))

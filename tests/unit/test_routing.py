@@ -1,0 +1,72 @@
+"""Top-k routing on one device: slot planning, capacity drops, and k = E equals dense."""
+
+import pytest
+import torch
+
+from moe_vae.config.schema import LossConfig, ModelConfig
+from moe_vae.model.dispatch import pack, plan_slots, unpack
+from moe_vae.model.losses import objective
+from moe_vae.model.mixture import MixtureOfVAEs
+
+SMALL = dict(z_dim=2, encoder_layers=[5], decoder_layers=[5], manager_layers=[6])
+
+
+def test_slots_are_first_come_first_served():
+    idx = torch.tensor([[2, 0], [2, 1], [0, 2]])  # B=3, K=2, E=3
+    slot, counts = plan_slots(idx, 3)
+    assert slot.tolist() == [0, 0, 1, 0, 1, 2]
+    assert counts.tolist() == [2, 1, 3]
+    x = torch.arange(3.0)[:, None] * torch.ones(1, 4)
+    x_ECD, ids_EC, kept = pack(x, idx, slot, cap=2, num_experts=3, id_offset=10)
+    assert kept.tolist() == [True, True, True, True, True, False]  # expert 2's third input
+    assert x_ECD[2, :, 0].tolist() == [0.0, 1.0] and ids_EC[2].tolist() == [10, 11]
+    loss_EC = torch.arange(6.0).view(3, 2)
+    assert unpack(loss_EC, idx, slot, kept).tolist() == [[4.0, 0.0], [5.0, 2.0], [1.0, 0.0]]
+
+
+@pytest.mark.parametrize("expert", ["mlp", "conv"])
+def test_topk_with_all_experts_equals_dense(expert):
+    torch.manual_seed(0)
+    dense_cfg = ModelConfig(num_experts=4, expert=expert, conv_channels=[2], **SMALL)
+    topk_cfg = dense_cfg.model_copy(update={"routing": "topk", "top_k": 4, "capacity_factor": 0.0})
+    dense = MixtureOfVAEs(dense_cfg, (1, 6, 6))
+    topk = MixtureOfVAEs(topk_cfg, (1, 6, 6))
+    topk.load_state_dict(dense.state_dict())
+    eps = torch.randn(4, 10, 2)
+    for m in (dense, topk):
+        m.noise = lambda e, n, z: eps[e[:, None], n]
+    x = torch.rand(10, 36)
+    cfg = LossConfig()
+    a, b = objective(dense.losses(x, cfg), cfg), objective(topk.losses(x, cfg), cfg)
+    torch.testing.assert_close(a.total, b.total)
+    a.total.backward()
+    b.total.backward()
+    for (name, p), q in zip(dense.named_parameters(), topk.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_capacity_drops_are_counted_and_excluded():
+    torch.manual_seed(1)
+    cfg = ModelConfig(num_experts=4, routing="topk", top_k=1, capacity_factor=0.5, **SMALL)
+    model = MixtureOfVAEs(cfg, (1, 3, 3))
+    with torch.no_grad():  # a manager that sends every input to expert 0
+        model.manager.layers[-1].bias.copy_(torch.tensor([50.0, 0, 0, 0]))
+    x = torch.rand(16, 9)
+    routed = model.losses(x, LossConfig())
+    cap = 2  # 0.5 * 16 * 1 / 4
+    assert routed.dropped.item() == 16 - cap
+    assert routed.mask_BE.sum().item() == cap and routed.mask_BE[:, 1:].sum() == 0
+    assert (routed.loss_BE[~routed.mask_BE] == 0).all()
+    terms = objective(routed, LossConfig())
+    terms.total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    dropless = cfg.model_copy(update={"capacity_factor": 0.0})
+    model.cfg = dropless
+    assert model.losses(x, LossConfig()).dropped.item() == 0
+
+
+def test_topk_config_rejects_k_above_experts():
+    from moe_vae.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"model\.top_k=5 is more than model\.num_experts=4"):
+        load_config(None, ["--model.num_experts=4", "--model.routing=topk", "--model.top_k=5"])
