@@ -14,4 +14,4 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 exec accelerate launch --config_file "${ACCELERATE_CONFIG:-$here/accelerate_config.yaml}" \
-  -m moe_vae train --config "$config" "$@"
+  --main_process_port "${MASTER_PORT:-29500}" -m moe_vae train --config "$config" "$@"
