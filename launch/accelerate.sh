@@ -10,8 +10,6 @@ if [[ $# -lt 1 ]]; then
 fi
 config="$1"; shift
 here="$(cd "$(dirname "$0")" && pwd)"
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-fi
+source "$(dirname "$0")/common.sh"
 exec accelerate launch --config_file "${ACCELERATE_CONFIG:-$here/accelerate_config.yaml}" \
   --main_process_port "${MASTER_PORT:-29500}" -m moe_vae train --config "$config" "$@"

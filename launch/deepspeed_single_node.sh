@@ -11,8 +11,6 @@ if [[ $# -lt 2 ]]; then
   exit 2
 fi
 nproc="$1"; config="$2"; shift 2
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-fi
+source "$(dirname "$0")/common.sh"
 exec deepspeed --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" \
   "$(command -v moe-vae)" train --config "$config" "$@"

@@ -12,9 +12,7 @@ if [[ $# -lt 2 ]]; then
   exit 2
 fi
 nproc="$1"; config="$2"; shift 2
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-fi
+source "$(dirname "$0")/common.sh"
 exec torchrun --nnodes "${NNODES:-1}" --nproc-per-node "$nproc" --node-rank "${NODE_RANK:-0}" \
   --rdzv-backend c10d --rdzv-endpoint "${RDZV_HOST:-127.0.0.1}:${RDZV_PORT:-29400}" \
   --rdzv-id "${RDZV_ID:-moe-vae}" \

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from moe_vae.config.schema import DataConfig
+from moe_vae.data.digest import file_digest
 from moe_vae.data.loaders import InMemoryLoader, StreamingLoader, fits_in_memory, load_in_memory
 from moe_vae.data.mnist import mnist_root
 from moe_vae.data.shardlist import ShardSet, preflight, resolve
 from moe_vae.data.sources import mnist_source
-from moe_vae.data.writer import WriteOptions, manifest_path, sha256sum, write_shards
+from moe_vae.data.writer import WriteOptions, manifest_path, write_shards
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -35,7 +36,7 @@ def _complete(mpath: Path) -> str | None:
     try:
         manifest = json.loads(mpath.read_text())
         for shard in manifest["shards"]:
-            if sha256sum(mpath.parent / shard["file"]) != shard["sha256"]:
+            if file_digest(mpath.parent / shard["file"], "sha256") != shard["sha256"]:
                 return None
         return str(mpath.parent / manifest["pattern"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -9,7 +9,6 @@ truncated file raises DataError naming the file; a bad dataset is never returned
 from __future__ import annotations
 
 import gzip
-import hashlib
 import shutil
 import struct
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_vae.config.schema import DataConfig
+from moe_vae.data.digest import file_digest
 from moe_vae.errors import MoeVaeError
 
 EMBEDDED_DIR = Path(__file__).parent / "mnist_files"
@@ -45,20 +45,12 @@ class Split:
     labels: np.ndarray  # int64 [N]
 
 
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_idx(path: str | Path, expected_md5: str | None = None) -> np.ndarray:
     """Read one IDX file (gzip-compressed or raw) into a uint8 array, checking it fully."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} not found")
-    if expected_md5 is not None and (got := md5sum(path)) != expected_md5:
+    if expected_md5 is not None and (got := file_digest(path, "md5")) != expected_md5:
         raise DataError(
             f"data file {str(path)!r} is corrupt: md5 {got}, expected {expected_md5} "
             f"(delete it and download again, or set data.verify_md5=false for a modified copy)"
@@ -107,7 +99,7 @@ def download(root: Path, mirrors: list[str], verify_md5: bool = True) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for name, md5 in MNIST_FILES.items():
         target = root / name
-        if target.is_file() and (not verify_md5 or md5sum(target) == md5):
+        if target.is_file() and (not verify_md5 or file_digest(target, "md5") == md5):
             continue
         errors = []
         for mirror in mirrors:
@@ -122,7 +114,7 @@ def download(root: Path, mirrors: list[str], verify_md5: bool = True) -> None:
                     errors.append(f"{url}: {err}")
                     tmp_path.unlink(missing_ok=True)
                     continue
-            if verify_md5 and (got := md5sum(tmp_path)) != md5:
+            if verify_md5 and (got := file_digest(tmp_path, "md5")) != md5:
                 errors.append(f"{url}: md5 {got}, expected {md5}")
                 tmp_path.unlink(missing_ok=True)
                 continue

@@ -9,7 +9,6 @@ fixed mtime, so the same input always gives byte-identical shards.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from moe_vae.data.digest import file_digest
 from moe_vae.data.records import RECORD_KINDS, encode_batch, encode_sample
 from moe_vae.data.sources import RawSample, Source
 from moe_vae.errors import MoeVaeError
@@ -37,14 +37,6 @@ class WriteOptions:
             )
         if self.samples_per_shard < 1 or self.record_size < 1:
             raise MoeVaeError("samples_per_shard and record_size must be >= 1")
-
-
-def sha256sum(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def manifest_path(out_dir: Path, name: str) -> Path:
@@ -83,7 +75,9 @@ def write_shards(
     def flush() -> None:
         path = out_dir / f"{name}-{len(shards):06d}.tar"
         _write_shard(path, pending, opts)
-        shards.append({"file": path.name, "samples": len(pending), "sha256": sha256sum(path)})
+        shards.append(
+            {"file": path.name, "samples": len(pending), "sha256": file_digest(path, "sha256")}
+        )
         pending.clear()
 
     bar = tqdm(total=source.num_samples, unit="img", desc=f"writing {name}", disable=not progress)
