@@ -10,6 +10,7 @@ from moe_vae.config.schema import (
     OptimConfig,
     OutputConfig,
     ParallelConfig,
+    TrackConfig,
     TrainConfig,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "OptimConfig",
     "OutputConfig",
     "ParallelConfig",
+    "TrackConfig",
     "TrainConfig",
     "config_to_yaml",
     "load_config",

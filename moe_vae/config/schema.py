@@ -165,6 +165,34 @@ class ParallelConfig(Section):
     deepspeed_config: str | None = None
 
 
+SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+class TrackConfig(Section):
+    # offline (default: runs sync later with `wandb sync`), online, or disabled. The JSON-lines
+    # metrics file is always written.
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "moe-vae"
+    entity: str | None = None
+    name: str | None = None  # null: the run directory's name
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    # Seconds W&B may take to start before training goes on without it (its own default: 90).
+    init_timeout: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key in data:
+                if any(word in str(key).lower() for word in SECRET_WORDS):
+                    raise ValueError(
+                        f"track.{key}: secrets are never config values (W&B records the config "
+                        f"and command line); set WANDB_API_KEY in the environment instead"
+                    )
+        return data
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -173,4 +201,5 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    track: TrackConfig = Field(default_factory=TrackConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -72,3 +72,64 @@ def save_loss_curves(epochs: Sequence[dict], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_expert_usage(importance: Sequence[float], path: str | Path) -> None:
+    """Bar chart of each expert's share of the manager's probability mass."""
+    plt = _pyplot()
+    E = len(importance)
+    fig, ax = plt.subplots(figsize=(max(4.0, min(0.3 * E, 16.0)), 3))
+    ax.bar(range(E), importance, width=0.9)
+    ax.axhline(1 / E, color="gray", linestyle="--", linewidth=1, label="uniform")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("share of probability")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_confusion(confusion: Sequence[Sequence[int]], path: str | Path) -> None:
+    """Expert x class counts as a heat map (rows = experts, columns = classes)."""
+    plt = _pyplot()
+    table = np.asarray(confusion)
+    E, K = table.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * K + 2), max(3.0, min(0.35 * E + 1, 20.0))))
+    im = ax.imshow(table, cmap="viridis", aspect="auto")
+    ax.set_xlabel("class")
+    ax.set_ylabel("expert")
+    ax.set_xticks(range(K))
+    if E <= 40:
+        ax.set_yticks(range(E))
+        for e in range(E):
+            for k in range(K):
+                if table[e, k]:
+                    ax.text(
+                        k,
+                        e,
+                        str(table[e, k]),
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if table[e, k] < table.max() / 2 else "black",
+                    )
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_reconstructions(
+    pairs: np.ndarray, image_shape: tuple[int, int, int], path: str | Path
+) -> None:
+    """pairs [2, N, D]: inputs (top row) and reconstructions by their assigned expert."""
+    plt = _pyplot()
+    C, H, W = image_shape
+    images = pairs.reshape(2, -1, C, H, W).mean(axis=2)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * images.shape[1]), 1.6))
+    ax.imshow(tile(images), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks([H / 2, H + H / 2], ["input", "recon"])
+    ax.set_xticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -93,6 +93,7 @@ class LossTerms:
     balancing: torch.Tensor  # unweighted balancing term
     loss_BE: torch.Tensor  # per-input per-expert L_i(x)
     dropped: torch.Tensor | None = None  # top-k: (input, expert) pairs over capacity
+    entropy: torch.Tensor | None = None  # filled by the trainer: manager entropy (no grad)
 
 
 def objective(

@@ -26,5 +26,26 @@ class JsonlLogger:
         self.close()
 
 
+class JsonlTracker:
+    """The always-on tracker: every record goes to metrics.jsonl as it is."""
+
+    run_id = None
+
+    def __init__(self, path: Path) -> None:
+        self.file = JsonlLogger(path)
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        self.file.log(record)
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        pass  # the PNG files are in the run directory already
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass  # the final record and eval.json hold them
+
+    def finish(self) -> None:
+        self.file.close()
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

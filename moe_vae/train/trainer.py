@@ -29,13 +29,19 @@ from moe_vae.data.build import build_data, ensure_mnist_shards
 from moe_vae.data.loaders import loader_state
 from moe_vae.errors import MoeVaeError
 from moe_vae.evaluate.evaluator import evaluate, to_inputs
-from moe_vae.evaluate.plots import save_expert_grid, save_loss_curves
+from moe_vae.evaluate.plots import (
+    save_confusion,
+    save_expert_grid,
+    save_expert_usage,
+    save_loss_curves,
+    save_reconstructions,
+)
 from moe_vae.model.losses import LossTerms, objective
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.parallel.engine import build_engine
 from moe_vae.parallel.setup import parallelize, setup_parallel
 from moe_vae.parallel.sharding import full_state_dict, load_full_state_dict
-from moe_vae.track.jsonl import JsonlLogger
+from moe_vae.track.base import MultiTracker, build_tracker
 from moe_vae.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -51,6 +57,7 @@ STEP_KEYS = (
     "loss/balancing",
     "loss/mixture",
     "route/dropped_fraction",  # top-k: (input, expert) pairs over capacity, of all pairs
+    "manager/entropy",  # mean entropy of the manager's distribution over experts
 )
 
 
@@ -125,10 +132,15 @@ class Trainer:
         self.batches_done = 0  # position in the current epoch's stream (what resume skips)
         self.epoch_sums = torch.zeros(len(STEP_KEYS), device=self.device)
         self.epoch_steps = 0
+        # Per-expert usage this epoch: summed probabilities and argmax counts (reduced at the end).
+        E = cfg.model.num_experts
+        self.epoch_importance = torch.zeros(E, device=self.device)
+        self.epoch_assigned = torch.zeros(E, device=self.device)
         self.grid_rows: list[np.ndarray] = []
         self.epochs: list[dict[str, Any]] = []
 
         ckpt = load_checkpoint(cfg.train.resume) if cfg.train.resume else None
+        self.tracker_id: str | None = ckpt.get("tracker_run_id") if ckpt else None
         if ckpt is not None:
             # Before touching the run directory: a bad checkpoint writes nothing.
             self._restore(ckpt)
@@ -136,13 +148,18 @@ class Trainer:
         else:
             run_dir = prepare_run_dir(cfg.output, run_name) if self.par.is_main else None
         self.run_dir: Path = self.par.broadcast(run_dir)
-        self.log = JsonlLogger(self.run_dir / "metrics.jsonl") if self.par.is_main else None
-        if self.par.is_main:
+        self.tracker: MultiTracker | None = None
+        if self.par.is_main:  # only the global rank 0 tracks
             (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            logged = cfg.model_dump(mode="json")
+            if self.engine is not None:
+                logged["deepspeed"] = self.engine.config
+            self.tracker = build_tracker(cfg, self.run_dir, logged, self.tracker_id)
+            self.tracker_id = self.tracker.run_id
 
     def _log(self, record: dict[str, Any]) -> None:
-        if self.log is not None:
-            self.log.log(record)
+        if self.tracker is not None:
+            self.tracker.log(record, self.step)
 
     def _state(self) -> dict[str, Any]:
         rng = rng_state()
@@ -160,6 +177,7 @@ class Trainer:
             "epochs": self.epochs,
             "grid_rows": [torch.from_numpy(r) for r in self.grid_rows],
             "rng": rng,
+            "tracker_run_id": self.tracker_id,
         }
         if self.engine is None:  # under DeepSpeed the optimizer state is partitioned: not saved
             state["optim"] = self.optim.state_dict()
@@ -239,8 +257,16 @@ class Trainer:
                 if terms.dropped is not None
                 else terms.total.new_zeros(())
             )
+            assert terms.entropy is not None  # train_step always fills it
             values = torch.stack(
-                [terms.total, terms.expected, terms.balancing, terms.mixture, dropped]
+                [
+                    terms.total,
+                    terms.expected,
+                    terms.balancing,
+                    terms.mixture,
+                    dropped,
+                    terms.entropy,
+                ]
             )
             self.epoch_sums += values.detach()
             if self.step % cfg.train.log_every == 0:
@@ -259,6 +285,10 @@ class Trainer:
         complete = not self._done() or self.batches_done >= loader.steps_in_epoch(epoch)
         bad = loader.report.counts + self.data.load_skipped
         means = self.par.mean_over_ranks(self.epoch_sums / max(self.epoch_steps, 1))
+        assigned = self.par.mean_over_ranks(self.epoch_assigned)
+        importance = self.par.mean_over_ranks(self.epoch_importance)
+        share = (assigned / assigned.sum().clamp_min(1)).tolist()
+        new_steps = self.epoch_steps - steps_before
         record = {
             "event": "epoch",
             "epoch": epoch,
@@ -267,12 +297,21 @@ class Trainer:
             **dict(zip(STEP_KEYS, means.tolist(), strict=True)),
             "epoch_seconds": seconds,
             "samples_per_second": (self.epoch_steps - steps_before) * B / seconds,
+            "time/step_seconds": seconds / max(new_steps, 1),
+            "optim/lr": self.optim.param_groups[0]["lr"],
+            "experts/in_use": sum(f >= cfg.eval.in_use_min_fraction for f in share),
+            "experts/dead": sum(f == 0 for f in share),
+            "experts/importance": (importance / importance.sum().clamp_min(1e-12)).tolist(),
             "data/bad_samples": sum(bad.values()),
             **{f"data/bad/{k}": v for k, v in sorted(bad.items())},
         }
+        if self.device.type == "cuda":
+            record["gpu/max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if complete:  # the next epoch starts from its first batch
             self.epoch, self.batches_done, self.epoch_steps = epoch + 1, 0, 0
             self.epoch_sums.zero_()
+            self.epoch_importance.zero_()
+            self.epoch_assigned.zero_()
         return record
 
     def train_step(self, x_BD: torch.Tensor) -> LossTerms:
@@ -282,6 +321,13 @@ class Trainer:
         routed = self.model.losses(x_BD, cfg.loss)
         terms = objective(routed, cfg.loss, self.par.sum_over_ranks if world > 1 else None)
         terms.dropped = routed.dropped
+        with torch.no_grad():
+            probs_BE = routed.logits_BE.softmax(-1)
+            self.epoch_importance += probs_BE.sum(0)
+            self.epoch_assigned += torch.bincount(
+                probs_BE.argmax(-1), minlength=probs_BE.shape[1]
+            ).float()
+            terms.entropy = -(probs_BE * probs_BE.clamp_min(1e-12).log()).sum(-1).mean()
         if self.engine is not None:  # DeepSpeed reduces gradients (experts over their group)
             self.engine.backward(terms.total)
             self.engine.step()
@@ -320,6 +366,7 @@ class Trainer:
         final_eval: dict[str, Any] = {}
         for epoch in range(self.epoch, cfg.train.epochs + 1):
             record = self.train_epoch(epoch)
+            self.epochs.append(record)  # eval results are added to the same dict below
             self.model.eval()
             row = self.par.gather_experts(self.model.decode_all(self.z_fixed_1Z)[:, 0])
             self.grid_rows.append(row.cpu().numpy())
@@ -329,8 +376,11 @@ class Trainer:
             if last or (every and epoch % every == 0):
                 final_eval = self.evaluate()
                 record.update({f"eval/{k}": v for k, v in final_eval.items() if k != "confusion"})
-            self._log(record)
-            self.epochs.append(record)
+                recon = self.reconstructions()  # a collective under expert parallelism
+                self._log(record)
+                self._figures(record, final_eval, recon)
+            else:
+                self._log(record)
             if not self.quiet:
                 tqdm.write(_epoch_summary(record), file=sys.stdout)
             if last:
@@ -342,21 +392,56 @@ class Trainer:
         self.finish(final_eval)
         return RunResult(self.run_dir, final_eval, self.epochs, self.par.is_main)
 
+    @torch.no_grad()
+    def reconstructions(self, n: int = 8) -> np.ndarray | None:
+        """The first n test images and their reconstruction by the expert the manager picks:
+        [2, n, D] in [0, 1] (every rank takes part; experts may live elsewhere)."""
+        if self.data.test is None:
+            return None
+        self.model.eval()
+        x_ND = to_inputs(self.data.test.images[:n].to(self.device))
+        out = self.model(x_ND)
+        probs_NE = out.probs_BE
+        logits_END = self.par.gather_experts(out.x_logits_EBD)
+        self.model.train()
+        pick = probs_NE.argmax(-1)
+        recon_ND = logits_END[pick, torch.arange(len(pick), device=pick.device)].sigmoid()
+        return torch.stack([x_ND, recon_ND]).cpu().numpy()
+
+    def _figures(
+        self, record: dict[str, Any], ev: dict[str, Any], recon: np.ndarray | None
+    ) -> None:
+        """PNG files in the run directory, also sent to the tracker as images (rank 0)."""
+        if self.tracker is None:
+            return
+        images = {"samples/expert_grid": self._save_grid()}
+        images["experts/usage"] = self.run_dir / "expert_usage.png"
+        save_expert_usage(record["experts/importance"], images["experts/usage"])
+        if "confusion" in ev:
+            images["eval/confusion"] = self.run_dir / "confusion.png"
+            save_confusion(ev["confusion"], images["eval/confusion"])
+        if recon is not None:
+            images["eval/reconstructions"] = self.run_dir / "reconstructions.png"
+            save_reconstructions(recon, self.image_shape, images["eval/reconstructions"])
+        self.tracker.log_images(images, self.step)
+
+    def _save_grid(self) -> Path:
+        path = self.run_dir / "expert_grid.png"
+        labels = [str(r["epoch"]) for r in self.epochs]
+        save_expert_grid(self.grid_rows, self.image_shape, path, labels)
+        return path
+
     def finish(self, final_eval: dict[str, Any]) -> None:
         """Final metrics, figures and weights (consolidated) into the run directory."""
         weights = full_state_dict(self.model, self.par)  # a collective: every rank takes part
-        if self.log is None:
+        if self.tracker is None:
             return
         (self.run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
-        self.log.log({"event": "final", **{f"eval/{k}": v for k, v in final_eval.items()}})
-        self.log.close()
-        save_expert_grid(
-            self.grid_rows,
-            self.image_shape,
-            self.run_dir / "expert_grid.png",
-            [str(r["epoch"]) for r in self.epochs],
-        )
+        self._log({"event": "final", **{f"eval/{k}": v for k, v in final_eval.items()}})
+        self.tracker.summary({f"eval/{k}": v for k, v in final_eval.items()})
+        self._save_grid()
         save_loss_curves(self.epochs, self.run_dir / "loss_curves.png")
+        self.tracker.finish()
         save_file(
             weights,
             self.run_dir / "model.safetensors",
