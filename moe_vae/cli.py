@@ -6,8 +6,10 @@ Bad input (config, data, paths, arguments) ends with one line on stderr and exit
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from moe_vae import __version__
 from moe_vae.errors import MoeVaeError
@@ -45,7 +47,132 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _add_data_parser(sub)
+    _add_use_parsers(sub)
     return parser
+
+
+USE_EPILOGS = {
+    "eval": """examples:
+  moe-vae eval --checkpoint runs/mnist_seed-20261121-101530
+  moe-vae eval --checkpoint runs/r/checkpoint.pt --out m.json \\
+               --shards 'data/mnist/test-{000000..000001}.tar'
+""",
+    "sample": """examples:
+  moe-vae sample --checkpoint runs/r --expert 3 --n 64 --out three.png
+  moe-vae sample --checkpoint runs/r --mixture --n 100 --out mix.npy
+--mixture draws each image's expert from the experts' share of the manager's probability on the
+training data (the last epoch in the checkpoint; uniform for a bare .safetensors).
+""",
+    "assign": """examples:
+  moe-vae assign --checkpoint runs/r --out clusters.csv
+  moe-vae assign --checkpoint runs/r --out c.parquet \\
+                 --shards 'data/faces/faces-{000000..000009}.tar'
+Columns: key, label (-1 if unknown), cluster (the manager's argmax), p_0 .. p_{E-1}.
+""",
+    "score": """examples:
+  moe-vae score --checkpoint runs/r --out scores.csv
+Columns: key, label, nll = -log sum_i p_i(x) exp(-L_i(x)) (higher = more anomalous).
+""",
+    "export": """examples:
+  moe-vae export --checkpoint runs/r/checkpoint.pt --out mixture.safetensors
+The file holds every expert (consolidated), with the config and image shape in its metadata:
+load it with moe_vae.evaluate.load.load_trained, without DeepSpeed.
+""",
+}
+
+
+def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
+    helps = {
+        "eval": "metrics of a checkpoint on a dataset (clustering accuracy, NMI, ARI, ELBO)",
+        "sample": "images from expert k or from the whole mixture, to a PNG grid or .npy",
+        "assign": "cluster id and manager probabilities per input, to CSV/Parquet",
+        "score": "per-input anomaly score (mixture negative log-likelihood), to CSV/Parquet",
+        "export": "consolidated safetensors + config, loadable without DeepSpeed",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=text[0].upper() + text[1:] + ".",
+            epilog=USE_EPILOGS[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "--checkpoint",
+            type=Path,
+            required=True,
+            help="a run directory, its checkpoint.pt, or a model.safetensors",
+        )
+        p.add_argument(
+            "--config",
+            type=Path,
+            help="expected config: its model section must match the checkpoint's",
+        )
+        p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+        if name in ("eval", "assign", "score"):
+            p.add_argument(
+                "--split",
+                choices=["train", "test"],
+                default="test",
+                help="which split of the checkpoint's data (default: test)",
+            )
+            p.add_argument("--shards", help="score these shards instead (path, pattern or URL)")
+            p.add_argument("--limit", type=_positive, help="only the first N inputs")
+            p.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
+        if name == "eval":
+            p.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
+        if name in ("assign", "score"):
+            p.add_argument("--out", type=Path, required=True, help=".csv or .parquet")
+        if name == "sample":
+            which = p.add_mutually_exclusive_group(required=True)
+            which.add_argument("--expert", type=int, help="the expert to sample from")
+            which.add_argument("--mixture", action="store_true", help="sample the whole mixture")
+            p.add_argument("--n", type=_positive, default=64, help="number of images")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--out", type=Path, required=True, help=".png grid or .npy array")
+        if name == "export":
+            p.add_argument("--out", type=Path, required=True, help="a .safetensors file")
+
+
+def _use(args: argparse.Namespace) -> int:
+    from moe_vae import commands as c
+    from moe_vae.config.load import load_config
+    from moe_vae.evaluate.load import load_trained
+
+    expect = load_config(args.config) if args.config else None
+    model, cfg = load_trained(args.checkpoint, expect, args.device)
+    if args.command == "export":
+        c.run_export(model, cfg, args.out)
+        print(f"wrote {args.out}")
+        return 0
+    if args.command == "sample":
+        prior = c.expert_prior(args.checkpoint, model.num_experts)
+        try:
+            samples, experts = c.run_sample(model, args.n, args.expert, prior, args.seed)
+        except ValueError as err:  # an unknown expert index
+            raise MoeVaeError(f"--expert: {err}") from None
+        c.save_images(samples, args.out)
+        print(f"wrote {args.n} images to {args.out} (experts {sorted(set(experts.tolist()))})")
+        return 0
+    images, labels, keys = c.input_set(cfg, args.split, args.shards, args.limit, model.image_shape)
+    images = images.to(args.device)
+    if args.command == "eval":
+        metrics = c.run_eval(model, cfg, images, labels, args.seed)
+        text = json.dumps(metrics, indent=2)
+        if args.out:
+            args.out.write_text(text)
+        print(text)
+        return 0
+    probs, nll = c.per_input(model, cfg, images, args.seed)
+    columns: dict[str, Any] = {"key": keys, "label": labels.tolist()}
+    if args.command == "assign":
+        columns["cluster"] = probs.argmax(-1).tolist()
+        columns.update({f"p_{e}": probs[:, e].tolist() for e in range(probs.shape[1])})
+    else:
+        columns["nll"] = nll.tolist()
+    c.write_table(args.out, columns)
+    print(f"wrote {len(keys)} rows to {args.out}")
+    return 0
 
 
 DATA_WRITE_EPILOG = """\
@@ -157,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "data":
             return _data_write(args)
+        if args.command in USE_EPILOGS:
+            return _use(args)
     except MoeVaeError as err:
         print(f"moe-vae: error: {err}", file=sys.stderr)
         return 2

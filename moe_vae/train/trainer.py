@@ -275,7 +275,13 @@ class Trainer:
                 self._log(
                     {"step": self.step, "epoch": epoch, **dict(zip(STEP_KEYS, vals, strict=True))}
                 )
-                bar.set_postfix(loss=f"{vals[0]:.2f}")
+                rate = (self.epoch_steps - steps_before) * B / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{vals[0]:.2f}", samples_s=f"{rate:.0f}")
+                if not self.quiet and not sys.stdout.isatty():  # CI / SLURM logs: plain lines
+                    print(
+                        f"epoch {epoch} step {self.step} loss {vals[0]:.2f} {rate:.0f} samples/s",
+                        flush=True,
+                    )
             if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                 self.save_checkpoint()
             if self._done():
@@ -445,7 +451,10 @@ class Trainer:
         save_file(
             weights,
             self.run_dir / "model.safetensors",
-            metadata={"config": config_to_yaml(self.cfg)},
+            metadata={
+                "config": config_to_yaml(self.cfg),
+                "image_shape": json.dumps(list(self.image_shape)),
+            },
         )
 
 

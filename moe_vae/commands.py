@@ -1,0 +1,176 @@
+"""What the `moe-vae` commands after training do: eval, sample, assign, score, export.
+
+Each loads the trained mixture on one process (moe_vae/evaluate/load.py) and reads inputs from
+shards: the checkpoint's own data (MNIST's cached shards by default) or `--shards`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from moe_vae.config.load import config_to_yaml
+from moe_vae.config.schema import Config
+from moe_vae.data.build import ensure_mnist_shards
+from moe_vae.data.loaders import load_in_memory
+from moe_vae.data.shardlist import resolve
+from moe_vae.errors import MoeVaeError
+from moe_vae.evaluate.evaluator import evaluate, to_inputs
+from moe_vae.evaluate.plots import tile
+from moe_vae.model.losses import mixture_nll
+from moe_vae.model.mixture import MixtureOfVAEs
+
+
+def input_set(
+    cfg: Config,
+    split: str,
+    shards: str | None,
+    limit: int | None,
+    image_shape: tuple[int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """uint8 images [N, C, H, W], labels (-1 unknown) and keys of the inputs to use."""
+    if shards is None:
+        if cfg.data.name == "mnist":
+            spec: str | list[str] | None = ensure_mnist_shards(cfg.data)[
+                0 if split == "train" else 1
+            ]
+        else:
+            spec = cfg.data.train_shards if split == "train" else cfg.data.test_shards
+        if spec is None:
+            raise MoeVaeError(f"the checkpoint's config has no {split} shards: pass --shards")
+    else:
+        spec = shards
+    images, labels, keys, _ = load_in_memory(
+        resolve(spec),
+        image_shape,
+        limit,
+        cfg.data.max_bad_fraction,  # type: ignore[arg-type]
+    )
+    return images, labels, keys
+
+
+def _batches(images: torch.Tensor, labels: torch.Tensor, size: int) -> Iterator[tuple[Any, Any]]:
+    for start in range(0, len(images), size):
+        yield images[start : start + size], labels[start : start + size]
+
+
+def run_eval(
+    model: MixtureOfVAEs, cfg: Config, images: torch.Tensor, labels: torch.Tensor, seed: int = 0
+) -> dict[str, Any]:
+    return evaluate(model, _batches(images, labels, cfg.eval.batch_size), cfg.loss, cfg.eval, seed)
+
+
+def expert_prior(path: Path, num_experts: int) -> np.ndarray:
+    """Each expert's share of the manager's probability on the training data (last epoch),
+    or uniform when the checkpoint does not say."""
+    from moe_vae.train.checkpoint import load_checkpoint
+
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if path.suffix == ".pt" and path.is_file():
+        epochs = load_checkpoint(path).get("epochs") or []
+        share = epochs[-1].get("experts/importance") if epochs else None
+        if share and len(share) == num_experts:
+            prior = np.asarray(share, dtype=np.float64)
+            return prior / prior.sum()
+    return np.full(num_experts, 1.0 / num_experts)
+
+
+@torch.no_grad()
+def run_sample(
+    model: MixtureOfVAEs, n: int, expert: int | None, prior: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """n images [n, C, H, W] in [0, 1] and the expert of each (expert k, or drawn from prior)."""
+    gen = torch.Generator().manual_seed(seed)
+    if expert is not None:
+        model._local_index(expert)  # a clear error for an unknown expert index
+        experts = np.full(n, expert)
+    else:
+        experts = np.random.default_rng(seed).choice(len(prior), size=n, p=prior)
+    z = torch.randn(n, model.cfg.z_dim, generator=gen)
+    images = torch.empty(n, model.input_dim)
+    for k in np.unique(experts):
+        rows = torch.from_numpy(np.flatnonzero(experts == k))
+        images[rows] = model.generate(z[rows], int(k)).cpu()
+    return images.view(n, *model.image_shape).numpy(), experts
+
+
+def save_images(images: np.ndarray, path: Path, columns: int = 10) -> None:
+    """.npy: the array; .png: a grid, `columns` images per row."""
+    if path.suffix == ".npy":
+        np.save(path, images)
+        return
+    if path.suffix != ".png":
+        raise MoeVaeError(f"--out {str(path)!r}: expected a .png or .npy file name")
+    from PIL import Image
+
+    n, _, H, W = images.shape
+    rows = -(-n // columns)
+    padded = np.zeros((rows * columns, H, W))
+    padded[:n] = images.mean(axis=1)
+    grid = tile(padded.reshape(rows, columns, H, W))
+    Image.fromarray((grid * 255).round().astype(np.uint8)).save(path)
+
+
+@torch.no_grad()
+def per_input(
+    model: MixtureOfVAEs, cfg: Config, images: torch.Tensor, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Manager probabilities [N, E] and mixture negative log-likelihood [N] of every input."""
+    gen = torch.Generator().manual_seed(seed)
+    probs, nll = [], []
+    for start in range(0, len(images), cfg.eval.batch_size):
+        x_BD = to_inputs(images[start : start + cfg.eval.batch_size])
+        routed = model.losses(x_BD, cfg.loss, generator=gen)
+        probs.append(routed.logits_BE.softmax(-1))
+        for b in range(len(x_BD)):  # per input: the batch mean of one row
+            nll.append(
+                mixture_nll(
+                    routed.logits_BE[b : b + 1],
+                    routed.loss_BE[b : b + 1],
+                    None if routed.mask_BE is None else routed.mask_BE[b : b + 1],
+                )
+            )
+    return torch.cat(probs).numpy(), torch.stack(nll).numpy()
+
+
+def write_table(path: Path, columns: dict[str, Any]) -> None:
+    """Columns of equal length to .csv (or .parquet when pyarrow is installed)."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise MoeVaeError(
+                f"--out {str(path)!r}: Parquet needs pyarrow (pip install pyarrow), or use .csv"
+            ) from None
+        pq.write_table(pa.table({k: list(v) for k, v in columns.items()}), path)
+        return
+    if path.suffix != ".csv":
+        raise MoeVaeError(f"--out {str(path)!r}: expected a .csv or .parquet file name")
+    names = list(columns)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(names)
+        writer.writerows(zip(*(columns[n] for n in names), strict=True))
+
+
+def run_export(model: MixtureOfVAEs, cfg: Config, out: Path) -> None:
+    if out.suffix != ".safetensors":
+        raise MoeVaeError(f"--out {str(out)!r}: expected a .safetensors file name")
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(
+        weights,
+        out,
+        metadata={
+            "config": config_to_yaml(cfg),
+            "image_shape": json.dumps(list(model.image_shape)),
+        },
+    )

@@ -1,0 +1,81 @@
+"""Load a trained mixture on one process (CPU or one GPU), without DeepSpeed.
+
+Accepts a run directory, its checkpoint.pt, or a model.safetensors (ours carry the resolved
+config and image shape in their metadata). Every problem is a CheckpointError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import ValidationError
+
+from moe_vae.config.load import format_validation_error
+from moe_vae.config.schema import Config
+from moe_vae.model.mixture import MixtureOfVAEs
+from moe_vae.train.checkpoint import CheckpointError, load_checkpoint
+
+
+def _resolve(path: Path) -> Path:
+    if path.is_dir():
+        for name in ("checkpoint.pt", "model.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(
+            f"run directory {str(path)!r} has no checkpoint.pt or model.safetensors"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], str, list[int]]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(
+                f"{str(path)!r} is not a readable safetensors file: {err}"
+            ) from None
+        if "config" not in meta:
+            raise CheckpointError(f"{str(path)!r} has no moe-vae config in its metadata")
+        return weights, meta["config"], json.loads(meta.get("image_shape", "[1, 28, 28]"))
+    ckpt = load_checkpoint(path)
+    return ckpt["model"], ckpt["config"], ckpt.get("image_shape", [1, 28, 28])
+
+
+def load_trained(
+    path: str | Path, expect: Config | None = None, device: str = "cpu"
+) -> tuple[MixtureOfVAEs, Config]:
+    """The model (eval mode, all experts) and the config it was trained with.
+
+    With `expect`, its model section must match the checkpoint's (a clear error otherwise)."""
+    file = _resolve(Path(path))
+    weights, config_yaml, shape = _read(file)
+    try:
+        cfg = Config.model_validate(yaml.safe_load(config_yaml))
+    except ValidationError as err:
+        raise CheckpointError(f"{str(file)!r}: {format_validation_error(err)}") from None
+    if expect is not None and expect.model != cfg.model:
+        saved, wanted = cfg.model.model_dump(), expect.model.model_dump()
+        diff = ", ".join(
+            f"model.{k}: {saved[k]!r} here, {wanted[k]!r} asked"
+            for k in saved
+            if saved[k] != wanted[k]
+        )
+        raise CheckpointError(f"checkpoint {str(file)!r} is of another model shape ({diff})")
+    model = MixtureOfVAEs(cfg.model, tuple(shape))  # type: ignore[arg-type]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"checkpoint {str(file)!r} does not fit its own config: {str(err).splitlines()[0]}"
+        ) from None
+    return model.to(device).eval(), cfg

@@ -1,0 +1,147 @@
+"""Every command after training, end to end on a tiny trained checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_cli_train import REPO, run_cli
+
+from moe_vae.config import load_config
+from moe_vae.evaluate.load import load_trained
+from moe_vae.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("use")
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [f"--output.dir={out}", "--output.name=r", "--track.wandb=disabled"],
+    )
+    return train(cfg, quiet=True).run_dir
+
+
+def test_eval_matches_the_training_evaluation(run_dir, tmp_path):
+    out = tmp_path / "m.json"
+    proc = run_cli("eval", "--checkpoint", str(run_dir), "--limit", "200", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(out.read_text())
+    trained = json.loads((run_dir / "eval.json").read_text())
+    for key in ("accuracy", "nmi", "ari", "experts_in_use", "neg_elbo"):
+        assert metrics[key] == pytest.approx(trained[key], rel=1e-5), key
+    assert json.loads(proc.stdout)["num_samples"] == 200
+
+
+def test_sample_from_an_expert_and_from_the_mixture(run_dir, tmp_path):
+    proc = run_cli(
+        "sample",
+        "--checkpoint",
+        str(run_dir),
+        "--expert",
+        "2",
+        "--n",
+        "12",
+        "--out",
+        str(tmp_path / "e.npy"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    images = np.load(tmp_path / "e.npy")
+    assert images.shape == (12, 1, 28, 28) and images.min() >= 0 and images.max() <= 1
+    model, _ = load_trained(run_dir)
+    z = torch.randn(12, model.cfg.z_dim, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(images.reshape(12, -1), model.generate(z, 2).numpy(), rtol=1e-5)
+    proc = run_cli(
+        "sample",
+        "--checkpoint",
+        str(run_dir),
+        "--mixture",
+        "--n",
+        "25",
+        "--out",
+        str(tmp_path / "m.png"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(tmp_path / "m.png").size == (10 * 28, 3 * 28)
+
+
+def test_assign_and_score_tables(run_dir, tmp_path):
+    proc = run_cli(
+        "assign",
+        "--checkpoint",
+        str(run_dir / "checkpoint.pt"),
+        "--limit",
+        "30",
+        "--out",
+        str(tmp_path / "a.csv"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((tmp_path / "a.csv").open()))
+    assert len(rows) == 30 and rows[0]["key"] == "test-00000000"
+    for row in rows:
+        probs = [float(row[f"p_{e}"]) for e in range(4)]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert int(row["cluster"]) == int(np.argmax(probs))
+    proc = run_cli(
+        "score", "--checkpoint", str(run_dir), "--limit", "30", "--out", str(tmp_path / "s.csv")
+    )
+    assert proc.returncode == 0, proc.stderr
+    scores = [float(r["nll"]) for r in csv.DictReader((tmp_path / "s.csv").open())]
+    assert len(scores) == 30 and all(np.isfinite(scores))
+
+
+def test_score_ranks_a_foreign_input_above_digits(run_dir, tmp_path):
+    """Scores through the shard path: MNIST digits vs. the same images inverted."""
+    from moe_vae.commands import input_set, per_input
+
+    model, cfg = load_trained(run_dir)
+    images, _, _ = input_set(cfg, "test", None, 100, model.image_shape)
+    _, nll_digits = per_input(model, cfg, images, 0)
+    _, nll_inverted = per_input(model, cfg, 255 - images, 0)
+    assert np.median(nll_inverted) > np.median(nll_digits)
+
+
+def test_export_loads_without_deepspeed(run_dir, tmp_path):
+    out = tmp_path / "mix.safetensors"
+    proc = run_cli("export", "--checkpoint", str(run_dir / "checkpoint.pt"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    a, _ = load_trained(out)
+    b, _ = load_trained(run_dir / "checkpoint.pt")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["eval", "--checkpoint", "/nonexistent/run"], "checkpoint '/nonexistent/run' not found"),
+        (
+            ["sample", "--checkpoint", "RUN", "--expert", "9", "--out", "x.png"],
+            "expert index 9 out of range",
+        ),
+        (
+            ["eval", "--checkpoint", "RUN", "--config", "configs/mnist_seed.yaml"],
+            "is of another model shape (model.num_experts: 4 here, 10 asked",
+        ),
+        (["assign", "--checkpoint", "RUN", "--out", "x.txt"], "expected a .csv or .parquet"),
+        (["export", "--checkpoint", "RUN", "--out", "x.pt"], "expected a .safetensors"),
+    ],
+)
+def test_clear_errors(run_dir, tmp_path, args, expected):
+    args = [str(run_dir) if a == "RUN" else a for a in args]
+    args = [str(tmp_path / a) if a.startswith("x.") else a for a in args]
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_truncated_checkpoint_is_a_clear_error(run_dir, tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes((run_dir / "checkpoint.pt").read_bytes()[:5000])
+    proc = run_cli("eval", "--checkpoint", str(bad))
+    assert proc.returncode == 2 and "truncated or not a moe-vae checkpoint" in proc.stderr
