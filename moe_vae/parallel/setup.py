@@ -69,6 +69,20 @@ class Parallel:
         dist.all_gather(parts, x_E.contiguous(), group=self.ep.group)
         return torch.cat(parts)
 
+    def sum_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        """Counters (e.g. bad samples by reason) summed over all ranks."""
+        if self.info.world_size == 1:
+            return dict(counts)
+        import torch.distributed as dist
+
+        every: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(every, dict(counts))
+        total: dict[str, int] = {}
+        for part in every:
+            for key, value in part.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's value of a picklable object, on every rank."""
         if self.info.world_size == 1:

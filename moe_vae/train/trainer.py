@@ -13,6 +13,7 @@ import random
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,7 +290,9 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - t0
         complete = not self._done() or self.batches_done >= loader.steps_in_epoch(epoch)
-        bad = loader.report.counts + self.data.load_skipped
+        # Streamed skips differ per rank: summed. Load-time skips are the same on every rank
+        # (each reads all of an in-memory dataset): counted once.
+        bad = Counter(self.par.sum_counts(loader.report.counts)) + self.data.load_skipped
         means = self.par.mean_over_ranks(self.epoch_sums / max(self.epoch_steps, 1))
         assigned = self.par.mean_over_ranks(self.epoch_assigned)
         importance = self.par.mean_over_ranks(self.epoch_importance)
@@ -406,7 +409,9 @@ class Trainer:
             return None
         self.model.eval()
         x_ND = to_inputs(self.data.test.images[:n].to(self.device))
-        out = self.model(x_ND)
+        # Its own generator: figures must not move the training RNG (exact resume).
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
+        out = self.model(x_ND, generator=gen)
         probs_NE = out.probs_BE
         logits_END = self.par.gather_experts(out.x_logits_EBD)
         self.model.train()

@@ -109,6 +109,7 @@ def test_train_cli_checkpoint_and_reshard(tmp_path):
     assert proc.stdout.count("results in") == 1  # only rank 0 reports
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["world_size"] == 2 and metrics[0]["ep_size"] == 2
+    assert len(list(run.glob("wandb/offline-run-*"))) == 1  # only rank 0 tracks
 
     # The exported weights load on one CPU process, without DeepSpeed.
     ckpt = load_checkpoint(run / "checkpoint.pt")
@@ -150,6 +151,7 @@ def test_train_cli_checkpoint_and_reshard(tmp_path):
     resumed = next(r for r in events if r.get("event") == "resume")
     assert resumed["world_size"] == 4 and resumed["step"] == 10  # 2 epochs of 500 / 100
     assert events[-1]["event"] == "final" and events[-1]["eval/epochs_run"] == 3
+    assert len(list(run.glob("wandb/offline-run-*"))) == 2  # the resumed run: same id, new dir
 
 
 def test_a_failing_rank_ends_the_job(tmp_path):
