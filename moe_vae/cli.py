@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             return _use(args)
     except MoeVaeError as err:
         print(f"moe-vae: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -83,6 +83,9 @@ class TrainConfig(Section):
     checkpoint_every: PositiveInt | None = None
     # A checkpoint.pt to continue from: the run goes on in that checkpoint's run directory.
     resume: str | None = None
+    # A step whose loss or gradient is not finite is skipped (on every rank together); this many
+    # in a row stop the run with the last good state saved.
+    max_nonfinite_in_row: PositiveInt = 10
 
 
 class DataConfig(Section):

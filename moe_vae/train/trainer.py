@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
@@ -76,6 +78,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class Stopped(MoeVaeError):
+    """Training stopped on purpose (SIGTERM/SIGINT, or too many non-finite steps), with the
+    last good state saved to checkpoint.pt. `exit_code`: 143 after a signal (128 + SIGTERM),
+    3 after non-finite steps."""
+
+    def __init__(self, message: str, exit_code: int = 3) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class Trainer:
     """Owns one run: data on the device, the model, the optimizer, the run directory, the logs."""
 
@@ -129,6 +141,9 @@ class Trainer:
             1, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed + 2)
         ).to(self.device)
         self.step = 0
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self.stop_signal: str | None = None  # set by the SIGTERM/SIGINT handler
         self.epoch = 1
         self.batches_done = 0  # position in the current epoch's stream (what resume skips)
         self.epoch_sums = torch.zeros(len(STEP_KEYS), device=self.device)
@@ -248,11 +263,31 @@ class Trainer:
         )
         for batch in loader.epoch_batches(epoch, skip=self.batches_done):
             x_BD = to_inputs(batch.images.to(self.device, non_blocking=True))
-            terms = self.train_step(x_BD)
+            terms, finite, stop = self.train_step(x_BD)
             self.step += 1
             self.batches_done += 1
             self.epoch_steps += 1
             bar.update()
+            if not finite:
+                self.nonfinite_in_row += 1
+                self.nonfinite_total += 1
+                self._log(
+                    {
+                        "step": self.step,
+                        "event": "nonfinite_step_skipped",
+                        "in_row": self.nonfinite_in_row,
+                    }
+                )
+                if self.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                    self.save_checkpoint()
+                    raise Stopped(
+                        f"{self.nonfinite_in_row} steps in a row had a non-finite loss or "
+                        f"gradient (train.max_nonfinite_in_row); the last good state is in "
+                        f"{self.run_dir / 'checkpoint.pt'}: lower optim.lr or check the data"
+                    )
+                self.epoch_steps -= 1  # not part of the epoch's averages
+                continue
+            self.nonfinite_in_row = 0
             dropped = (
                 terms.dropped / (len(x_BD) * cfg.model.top_k)
                 if terms.dropped is not None
@@ -283,6 +318,14 @@ class Trainer:
                         f"epoch {epoch} step {self.step} loss {vals[0]:.2f} {rate:.0f} samples/s",
                         flush=True,
                     )
+            if stop:  # every rank agreed (one collective per step under several ranks)
+                self.save_checkpoint()
+                raise Stopped(
+                    f"stopped by {self.stop_signal or 'a signal on another rank'} at step "
+                    f"{self.step}; checkpoint saved: resume with "
+                    f"--train.resume={self.run_dir / 'checkpoint.pt'}",
+                    exit_code=143,
+                )
             if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                 self.save_checkpoint()
             if self._done():
@@ -311,6 +354,7 @@ class Trainer:
             "experts/in_use": sum(f >= cfg.eval.in_use_min_fraction for f in share),
             "experts/dead": sum(f == 0 for f in share),
             "experts/importance": (importance / importance.sum().clamp_min(1e-12)).tolist(),
+            "train/nonfinite_skipped": self.nonfinite_total,
             "data/bad_samples": sum(bad.values()),
             **{f"data/bad/{k}": v for k, v in sorted(bad.items())},
         }
@@ -323,13 +367,47 @@ class Trainer:
             self.epoch_assigned.zero_()
         return record
 
-    def train_step(self, x_BD: torch.Tensor) -> LossTerms:
-        """Forward (through the dispatcher), backward, optimizer step."""
+    def train_step(self, x_BD: torch.Tensor) -> tuple[LossTerms, bool, bool]:
+        """Forward (through the dispatcher), backward, and the optimizer step unless the loss or
+        a gradient is not finite on any rank. Returns (terms, finite, stop requested)."""
         cfg = self.cfg
         world = self.par.info.world_size
         routed = self.model.losses(x_BD, cfg.loss)
         terms = objective(routed, cfg.loss, self.par.sum_over_ranks if world > 1 else None)
         terms.dropped = routed.dropped
+        if self.engine is not None:  # DeepSpeed reduces gradients (experts over their group)
+            self.engine.backward(terms.total)
+        else:
+            self.optim.zero_grad(set_to_none=True)
+            terms.total.backward()
+        # One flag tensor, reduced once: [bad on any rank, stop asked on any rank].
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = (
+            torch.isfinite(terms.total.detach())
+            & torch.stack([g.isfinite().all() for g in grads]).all()
+        )
+        flags = torch.stack([~finite, torch.tensor(self.stop_signal is not None)]).float()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, stop = (bool(v) for v in flags.tolist())
+        if bad:  # skip the update everywhere; DeepSpeed alone would not in fp32
+            if self.engine is not None and self.engine.zero_optimization_stage() > 0:
+                raise Stopped(
+                    "a non-finite loss or gradient under ZeRO stage 1/2 cannot be skipped yet; "
+                    f"stopped before the update (last good state at step {self.step}): use "
+                    "ZeRO 0, lower optim.lr, or resume from the last checkpoint"
+                )
+            for p in self.model.parameters():
+                p.grad = None
+            return terms, False, stop
+        if self.engine is not None:
+            self.engine.step()
+        else:
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optim.step()
         with torch.no_grad():
             probs_BE = routed.logits_BE.softmax(-1)
             self.epoch_importance += probs_BE.sum(0)
@@ -337,16 +415,7 @@ class Trainer:
                 probs_BE.argmax(-1), minlength=probs_BE.shape[1]
             ).float()
             terms.entropy = -(probs_BE * probs_BE.clamp_min(1e-12).log()).sum(-1).mean()
-        if self.engine is not None:  # DeepSpeed reduces gradients (experts over their group)
-            self.engine.backward(terms.total)
-            self.engine.step()
-        else:
-            self.optim.zero_grad(set_to_none=True)
-            terms.total.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            self.optim.step()
-        return terms
+        return terms, True, stop
 
     def evaluate(self) -> dict[str, Any]:
         if self.data.test is None:
@@ -354,8 +423,15 @@ class Trainer:
         batches = self.data.test.batches(self.cfg.eval.batch_size)
         return evaluate(self.model, batches, self.cfg.loss, self.cfg.eval, seed=self.cfg.train.seed)
 
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only a flag: the loop saves a checkpoint after the current step, on every rank.
+        self.stop_signal = signal.Signals(signum).name
+
     def fit(self) -> RunResult:
         cfg = self.cfg
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):  # SLURM pre-emption sends SIGTERM
+                signal.signal(sig, self._on_signal)
         self._log(
             {
                 "event": "resume" if self.step else "start",

@@ -1,0 +1,177 @@
+"""Runs that get killed, pre-empted or hit non-finite values lose nothing: the real CLI in a
+subprocess is killed (SIGKILL) or pre-empted (SIGTERM) at a random step and resumed, and ends
+exactly like a run that was never interrupted (one process, CPU: bit for bit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_vae.config import load_config
+from moe_vae.train.trainer import Stopped, Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.prefix) / "bin"
+# 2,000 images, batch 50: 40 steps per epoch, 3 epochs; a checkpoint every 7 steps.
+ARGS = [
+    "--config",
+    "configs/tiny.yaml",
+    "--data.train_limit=2000",
+    "--train.epochs=3",
+    "--train.log_every=1",
+    "--train.checkpoint_every=7",
+    "--track.wandb=disabled",
+    "--quiet",
+]
+
+
+def _start(out: Path, name: str, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [
+            str(BIN / "moe-vae"),
+            "train",
+            *ARGS,
+            f"--output.dir={out}",
+            f"--output.name={name}",
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _steps(run: Path) -> dict[int, float]:
+    """Loss per step; a step logged again after a resume counts with its last value."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "event" not in r:
+            out[r["step"]] = r["loss/total"]
+    return out
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and max(_steps(run), default=0) >= step:
+            return
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full")
+    proc = _start(out, "full")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return out / "full"
+
+
+def _same_as(run: Path, reference: Path) -> None:
+    a, b = _steps(reference), _steps(run)
+    assert sorted(a) == sorted(b) == list(range(1, 121))
+    assert a == b
+    wa, wb = load_file(reference / "model.safetensors"), load_file(run / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, uninterrupted, sig):
+    stop_at = random.Random(int(time.time())).randint(9, 100)
+    proc = _start(tmp_path, "r")
+    _wait_for_step(tmp_path / "r", stop_at, proc)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    stderr = proc.stderr.read()
+    ckpt = tmp_path / "r" / "checkpoint.pt"
+    if sig == signal.SIGTERM:  # pre-emption: a checkpoint right after the current step
+        assert proc.returncode == 143, stderr
+        assert "stopped by SIGTERM at step" in stderr and "--train.resume=" in stderr
+        saved = torch.load(ckpt, weights_only=True)["step"]
+        assert saved >= stop_at
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not list((tmp_path / "r").glob(".*.tmp")) or ckpt.is_file()
+    resumed = _start(tmp_path, "r", f"--train.resume={ckpt}")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    _same_as(tmp_path / "r", uninterrupted)
+
+
+def _nan_at(trainer: Trainer, bad_steps: set[int]) -> None:
+    """Make the loss non-finite at the given (1-based) steps: a fault injected at the model."""
+    losses = trainer.model.losses
+
+    def patched(x, cfg, generator=None):
+        routed = losses(x, cfg, generator)
+        if trainer.step + 1 in bad_steps:
+            routed.loss_BE = routed.loss_BE * float("nan")
+        return routed
+
+    trainer.model.losses = patched  # type: ignore[method-assign]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"--output.dir={tmp_path}",
+            "--output.name=n",
+            "--track.wandb=disabled",
+            "--train.log_every=1",
+            *extra,
+        ],
+    )
+
+
+def test_nonfinite_steps_are_skipped_without_touching_the_weights(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    trainer = Trainer(_cfg(tmp_path), quiet=True)
+    _nan_at(trainer, {5, 6})
+    snapshots = {}
+    step_fn = trainer.train_step
+
+    def recording(x):
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        out = step_fn(x)
+        snapshots[trainer.step + 1] = (
+            before,
+            {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        )
+        return out
+
+    trainer.train_step = recording  # type: ignore[method-assign]
+    res = trainer.fit()
+    for step in (5, 6):
+        before, after = snapshots[step]
+        assert all(torch.equal(before[k], after[k]) for k in before), step
+    before, after = snapshots[7]
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert res.epochs[-1]["train/nonfinite_skipped"] == 2
+    assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in res.epochs)
+
+
+def test_too_many_nonfinite_steps_stop_with_the_last_good_state(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    trainer = Trainer(_cfg(tmp_path, "--train.max_nonfinite_in_row=3"), quiet=True)
+    _nan_at(trainer, set(range(4, 100)))
+    with pytest.raises(Stopped, match=r"3 steps in a row had a non-finite loss") as info:
+        trainer.fit()
+    assert info.value.exit_code == 3
+    ckpt = torch.load(tmp_path / "n" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 6
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
