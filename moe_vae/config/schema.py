@@ -81,8 +81,11 @@ class TrainConfig(Section):
     log_every: PositiveInt = 50
     # Write <run dir>/checkpoint.pt every this many steps (and always at the end); null = end only.
     checkpoint_every: PositiveInt | None = None
-    # A checkpoint.pt to continue from: the run goes on in that checkpoint's run directory.
+    # A checkpoint.pt to continue from (the run goes on in its run directory), or "auto": the
+    # newest complete checkpoint of output.dir/output.name if there is one, else a fresh start.
     resume: str | None = None
+    # Step checkpoints kept in <run dir>/checkpoints/ (checkpoint.pt is always the newest).
+    keep_checkpoints: PositiveInt = 1
     # A step whose loss or gradient is not finite is skipped (on every rank together); this many
     # in a row stop the run with the last good state saved.
     max_nonfinite_in_row: PositiveInt = 10
@@ -197,6 +200,14 @@ class TrackConfig(Section):
 
 
 class Config(Section):
+    @model_validator(mode="after")
+    def _auto_resume_needs_a_name(self) -> Config:
+        if self.train.resume == "auto" and not self.output.name:
+            raise ValueError(
+                "train.resume=auto needs output.name: the run directory to resume from"
+            )
+        return self
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -51,6 +51,33 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def save_rotating(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
+    """checkpoints/step-<N>.pt (atomic), then checkpoint.pt -> it (a hard link swapped in by
+    rename, so "latest" is never partial), then the oldest beyond `keep` removed."""
+    folder = run_dir / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"step-{step:09d}.pt"
+    save_checkpoint(path, state)
+    latest_tmp = run_dir / ".checkpoint.pt.link"
+    latest_tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, latest_tmp)
+    except OSError:  # no hard links on this filesystem: a copy, still swapped in atomically
+        import shutil
+
+        shutil.copyfile(path, latest_tmp)
+    os.replace(latest_tmp, run_dir / "checkpoint.pt")
+    for old in sorted(folder.glob("step-*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def auto_resume_path(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory (None: start fresh)."""
+    latest = run_dir / "checkpoint.pt"
+    return latest if latest.is_file() else None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -43,13 +43,19 @@ from moe_vae.model.losses import LossTerms, objective
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.parallel.engine import build_engine
 from moe_vae.parallel.setup import parallelize, setup_parallel
-from moe_vae.parallel.sharding import full_state_dict, load_full_state_dict
+from moe_vae.parallel.sharding import (
+    full_optimizer_state,
+    full_state_dict,
+    load_full_optimizer_state,
+    load_full_state_dict,
+)
 from moe_vae.track.base import MultiTracker, build_tracker
 from moe_vae.train.checkpoint import (
     CheckpointError,
+    auto_resume_path,
     load_checkpoint,
     rng_state,
-    save_checkpoint,
+    save_rotating,
     set_rng_state,
 )
 from moe_vae.train.run_dir import prepare_run_dir
@@ -155,14 +161,19 @@ class Trainer:
         self.grid_rows: list[np.ndarray] = []
         self.epochs: list[dict[str, Any]] = []
 
-        ckpt = load_checkpoint(cfg.train.resume) if cfg.train.resume else None
+        resume: Path | None = Path(cfg.train.resume) if cfg.train.resume else None
+        if cfg.train.resume == "auto":
+            resume = auto_resume_path(Path(cfg.output.dir).expanduser() / str(cfg.output.name))
+        ckpt = load_checkpoint(resume) if resume is not None else None
         self.tracker_id: str | None = ckpt.get("tracker_run_id") if ckpt else None
-        if ckpt is not None:
+        if ckpt is not None and resume is not None:
             # Before touching the run directory: a bad checkpoint writes nothing.
             self._restore(ckpt)
-            run_dir: Path | None = Path(cfg.train.resume).parent  # type: ignore[arg-type]
+            run_dir: Path | None = resume.parent
         else:
-            run_dir = prepare_run_dir(cfg.output, run_name) if self.par.is_main else None
+            # resume=auto with nothing to resume: start in that directory (a requeued job).
+            out_cfg = cfg.output.model_copy(update={"overwrite": cfg.train.resume == "auto"})
+            run_dir = prepare_run_dir(out_cfg, run_name) if self.par.is_main else None
         self.run_dir: Path = self.par.broadcast(run_dir)
         self.tracker: MultiTracker | None = None
         if self.par.is_main:  # only the global rank 0 tracks
@@ -172,6 +183,11 @@ class Trainer:
                 logged["deepspeed"] = self.engine.config
             self.tracker = build_tracker(cfg, self.run_dir, logged, self.tracker_id)
             self.tracker_id = self.tracker.run_id
+
+    @property
+    def _optimizer_state_portable(self) -> bool:
+        """Plain Adam, or DeepSpeed without ZeRO partitioning: state per parameter tensor."""
+        return self.engine is None or self.engine.zero_optimization_stage() == 0
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.tracker is not None:
@@ -195,8 +211,8 @@ class Trainer:
             "rng": rng,
             "tracker_run_id": self.tracker_id,
         }
-        if self.engine is None:  # under DeepSpeed the optimizer state is partitioned: not saved
-            state["optim"] = self.optim.state_dict()
+        if self._optimizer_state_portable:
+            state["optim"] = full_optimizer_state(self.model, self.optim, self.par)
         if self.par.info.world_size > 1:
             import torch.distributed as dist
 
@@ -207,8 +223,8 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         state = self._state()  # a collective under expert parallelism: every rank builds it
-        if self.par.is_main:
-            save_checkpoint(self.run_dir / "checkpoint.pt", state)
+        if self.par.is_main:  # only one rank writes, renames and prunes
+            save_rotating(self.run_dir, state, self.step, self.cfg.train.keep_checkpoints)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         saved = yaml.safe_load(ckpt["config"])
@@ -224,12 +240,12 @@ class Trainer:
                 f"checkpoint {self.cfg.train.resume!r} does not fit this model: "
                 f"{str(err).splitlines()[0]}"
             ) from None
-        if "optim" in ckpt and self.engine is None:
-            self.optim.load_state_dict(ckpt["optim"])
+        if "optim" in ckpt and self._optimizer_state_portable:
+            load_full_optimizer_state(self.model, self.optim, ckpt["optim"])
         elif self.par.is_main:
             warnings.warn(
-                "resuming without optimizer state (it is not saved under the DeepSpeed engine): "
-                "Adam's moments restart from zero",
+                "resuming without optimizer state (not saved or not loadable under ZeRO stage "
+                "1/2, whose partitions are not consolidated yet): Adam's moments restart from zero",
                 stacklevel=2,
             )
         self.step, self.epoch = ckpt["step"], ckpt["data"]["epoch"]

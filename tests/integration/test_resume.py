@@ -94,3 +94,39 @@ def test_periodic_checkpoints_and_bad_resume(tmp_path, monkeypatch, repo):
         train(_cfg(tmp_path, "q", f"--train.resume={tmp_path / 'none.pt'}"), quiet=True)
     assert sorted(p.name for p in res.run_dir.iterdir()) == before
     assert not (tmp_path / "q").exists()
+
+
+def test_keep_last_k_and_resume_auto(tmp_path, monkeypatch, repo):
+    monkeypatch.chdir(repo)
+    cfg = _cfg(
+        tmp_path,
+        "k",
+        "--train.checkpoint_every=3",
+        "--train.keep_checkpoints=2",
+        "--train.max_steps=13",
+        "--track.wandb=disabled",
+    )
+    res = train(cfg, quiet=True)
+    kept = sorted(p.name for p in (res.run_dir / "checkpoints").iterdir())
+    assert kept == ["step-000000012.pt", "step-000000013.pt"]  # every 3 steps + the end, last 2
+    latest = torch.load(res.run_dir / "checkpoint.pt", weights_only=True)
+    assert latest["step"] == 13
+    assert not list(res.run_dir.glob(".*"))  # no temporary files left
+    # resume=auto picks the newest checkpoint of output.dir/output.name and finishes the run.
+    done = train(_cfg(tmp_path, "k", "--train.resume=auto", "--track.wandb=disabled"), quiet=True)
+    assert done.final_eval["steps"] == 30 and done.run_dir == res.run_dir
+    # ... and starts fresh where there is nothing to resume.
+    fresh = train(
+        _cfg(
+            tmp_path, "new", "--train.resume=auto", "--train.max_steps=2", "--track.wandb=disabled"
+        ),
+        quiet=True,
+    )
+    assert fresh.final_eval["steps"] == 2
+
+
+def test_resume_auto_needs_a_run_name():
+    from moe_vae.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.resume=auto needs output\.name"):
+        load_config(None, ["--train.resume=auto"])
