@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +34,8 @@ def _port() -> int:
 
 
 def deepspeed(n: int, script: str, *args: str, timeout: int = TIMEOUT):
+    """Run the real `deepspeed` launcher; on a timeout its whole process group is killed, so no
+    rank outlives the test."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     cmd = [
@@ -44,7 +47,22 @@ def deepspeed(n: int, script: str, *args: str, timeout: int = TIMEOUT):
         script,
         *args,
     ]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.parametrize(
