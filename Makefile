@@ -35,4 +35,8 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 
 test: lint
+	@# DeepSpeed compiles its CPU communication op on first use (minutes, once per install):
+	@# build it here, so no timed multi-process test pays for it.
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+	get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
