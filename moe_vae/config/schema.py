@@ -110,7 +110,8 @@ class DataConfig(Section):
     # URL, or a list of them.
     train_shards: str | list[str] | None = None
     test_shards: str | list[str] | None = None
-    # Where MNIST shards are cached (null: $XDG_CACHE_HOME/moe_vae or ~/.cache/moe_vae).
+    # Where MNIST shards are cached (null: $MOE_VAE_CACHE, else $XDG_CACHE_HOME/moe_vae or
+    # ~/.cache/moe_vae).
     cache_dir: str | None = None
     # How MNIST is written: batched records (fast for small images) or one sample per member.
     record: Literal["batched", "sample"] = "batched"

@@ -7,7 +7,6 @@ user's shards; small data then takes the in-memory fast path, large data streams
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from moe_vae.config.schema import DataConfig
+from moe_vae.data.cache import default_cache
 from moe_vae.data.digest import file_digest
 from moe_vae.data.loaders import InMemoryLoader, StreamingLoader, fits_in_memory, load_in_memory
 from moe_vae.data.mnist import mnist_root
@@ -27,8 +27,7 @@ from moe_vae.data.writer import WriteOptions, manifest_path, write_shards
 def cache_root(cfg: DataConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "moe_vae"
+    return default_cache()
 
 
 def _complete(mpath: Path) -> str | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_vae.config.schema import DataConfig
+from moe_vae.data.cache import default_cache
 from moe_vae.data.digest import file_digest
 from moe_vae.errors import MoeVaeError
 
@@ -127,7 +128,7 @@ def download(root: Path, mirrors: list[str], verify_md5: bool = True) -> None:
 def mnist_root(cfg: DataConfig) -> Path:
     if cfg.source == "embedded":
         return EMBEDDED_DIR
-    root = Path(cfg.root).expanduser() if cfg.root else Path.home() / ".cache" / "moe_vae" / "mnist"
+    root = Path(cfg.root).expanduser() if cfg.root else default_cache() / "mnist"
     if cfg.source == "download":
         download(root, cfg.mirrors, cfg.verify_md5)
     elif not root.is_dir():
