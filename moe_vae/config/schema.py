@@ -89,6 +89,14 @@ class TrainConfig(Section):
     # A step whose loss or gradient is not finite is skipped (on every rank together); this many
     # in a row stop the run with the last good state saved.
     max_nonfinite_in_row: PositiveInt = 10
+    # An epoch where one expert gets more than this share of the inputs (manager argmax) is
+    # reported as manager collapse (an event in the logs and a warning).
+    collapse_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    # At the end of each epoch, experts given less than eval.in_use_min_fraction of the inputs
+    # become perturbed copies of the busiest experts, each splitting its donor's manager logit.
+    revive_dead_experts: bool = False
+    # The perturbation of a revived expert, relative to its donor's mean absolute weight.
+    revive_noise: Annotated[float, Field(ge=0)] = 0.01
 
 
 class DataConfig(Section):

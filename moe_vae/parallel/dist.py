@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -40,4 +41,17 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if not use_cuda:
+        dist.barrier()  # every rank has mapped every rank's workspace by now
+        release_shm_workspace(dist.get_rank())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def release_shm_workspace(rank: int) -> None:
+    """Unlink the ~69 MB shared-memory workspace DeepSpeed's CPU comm op creates per rank when
+    all ranks share a node. DeepSpeed never unlinks it, so every CPU run would leave one file
+    per rank in /dev/shm until the node fills up. The mappings stay valid; the memory is freed
+    when the last rank exits, however it exits (kill -9 included)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    Path("/dev/shm", name).unlink(missing_ok=True)

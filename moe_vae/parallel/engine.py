@@ -96,4 +96,8 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int) -> Any:
     )
     ds = deepspeed_dict(cfg, world_size, load_knobs(cfg.parallel.deepspeed_config))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    if engine.zero_optimization_stage() > 0:
+        # In fp32, ZeRO 1/2 skips a non-finite gradient only when clipping computes the norm; the
+        # overflow check (one all-reduce of a flag) makes the skip unconditional, on every rank.
+        engine.optimizer.check_grad_overflow = True
     return engine

@@ -8,6 +8,9 @@ on one CPU process without DeepSpeed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from moe_vae.model.mixture import MixtureOfVAEs
@@ -41,26 +44,65 @@ def load_full_state_dict(model: MixtureOfVAEs, full: dict[str, torch.Tensor]) ->
     model.load_state_dict(local)
 
 
-def _optimizer_tensor_state(optim: torch.optim.Optimizer) -> dict[int, dict[str, object]]:
-    return {
-        id(p): optim.state[p]
-        for group in optim.param_groups
-        for p in group["params"]
-        if p in optim.state
-    }
+def zero_optimizer(optim: Any) -> Any | None:
+    """DeepSpeed's ZeRO 1/2 optimizer (Adam's state lives in flat fp32 partitions), else None."""
+    return optim if hasattr(optim, "single_partition_of_fp32_groups") else None
+
+
+def _zero_base_state(zero: Any) -> list[dict[str, Any]]:
+    """The wrapped Adam's state of each flat fp32 partition, created (zeros, step 0) where no
+    step has run yet (Adam creates it lazily), and every parameter's fragments (re)linked to it.
+    DeepSpeed links them once, right after stepping the first param group, so with several
+    groups (MoE: experts apart) the later groups' fragments would stay empty."""
+    states = []
+    for flat in zero.single_partition_of_fp32_groups:
+        if not zero.optimizer.state.get(flat):
+            zero.optimizer.state[flat] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(flat),
+                "exp_avg_sq": torch.zeros_like(flat),
+            }
+        states.append(zero.optimizer.state[flat])
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+    return states
+
+
+def _local_optimizer_state(optim: Any) -> Callable[[torch.nn.Parameter], dict[str, object]]:
+    """Per-parameter state of this rank's parameters (expert shards stay local): plain Adam's own,
+    or under ZeRO 1/2 each parameter's moments assembled from the partitions (a collective)."""
+    zero = zero_optimizer(optim)
+    if zero is None:
+        state = {
+            id(p): optim.state[p]
+            for g in optim.param_groups
+            for p in g["params"]
+            if p in optim.state
+        }
+        return lambda p: dict(state.get(id(p), {}))
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    base = _zero_base_state(zero)[0]
+    keys = sorted(k for k, v in base.items() if torch.is_tensor(v) and v.dim() > 0)
+
+    def get(p: torch.nn.Parameter) -> dict[str, object]:
+        entry: dict[str, object] = {k: safe_get_full_optimizer_state(p, k) for k in keys}
+        return {**entry, "step": base["step"].clone()}
+
+    return get
 
 
 def full_optimizer_state(
-    model: MixtureOfVAEs, optim: torch.optim.Optimizer, par: Parallel
+    model: MixtureOfVAEs, optim: Any, par: Parallel
 ) -> dict[str, dict[str, object]]:
     """Per-parameter optimizer state by parameter name, expert shards gathered like the weights,
-    so it reloads on any number of ranks (a collective under expert parallelism)."""
-    state = _optimizer_tensor_state(optim)
+    so it reloads on any number of ranks and any ZeRO stage (a collective)."""
+    local = _local_optimizer_state(optim)
     E_l = model.experts.num_experts
     out: dict[str, dict[str, object]] = {}
     for name, p in model.named_parameters():  # the same order on every rank
         entry: dict[str, object] = {}
-        for key, value in sorted(state.get(id(p), {}).items()):
+        for key, value in sorted(local(p).items()):
             if torch.is_tensor(value) and value.shape == p.shape:
                 if name.startswith(EXPERT_PREFIX) and E_l != model.num_experts:
                     value = par.gather_experts(value.reshape(E_l, -1)).reshape(-1, *p.shape[1:])
@@ -72,10 +114,13 @@ def full_optimizer_state(
 
 
 def load_full_optimizer_state(
-    model: MixtureOfVAEs, optim: torch.optim.Optimizer, full: dict[str, dict[str, object]]
+    model: MixtureOfVAEs, optim: Any, full: dict[str, dict[str, object]]
 ) -> None:
-    """Put saved per-parameter state (whole model) into `optim`, keeping this rank's experts."""
+    """Put saved per-parameter state (whole model) into `optim`, keeping this rank's experts.
+    Under ZeRO 1/2 each rank keeps the slice of its own partition."""
     ids = model.expert_ids
+    zero = zero_optimizer(optim)
+    zero_states = _zero_base_state(zero) if zero is not None else []
     for name, p in model.named_parameters():
         if name not in full:
             continue
@@ -88,4 +133,28 @@ def load_full_optimizer_state(
                     value = value.reshape(p.shape)
                 value = value.to(p.device)
             entry[key] = value
-        optim.state[p] = entry
+        if zero is None:
+            optim.state[p] = entry
+        else:
+            _set_zero_state(zero_states, p, entry)
+
+
+def _set_zero_state(
+    states: list[dict[str, Any]], p: torch.nn.Parameter, entry: dict[str, object]
+) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    for key, value in entry.items():
+        if torch.is_tensor(value) and value.dim() > 0:
+            safe_set_full_optimizer_state(p, value.float(), key)
+        elif key == "step":  # one step count per flat partition: Adam steps all together
+            for state in states:
+                state["step"] = torch.as_tensor(value, dtype=torch.float32).clone()
+
+
+def sync_master_weights(optim: Any) -> None:
+    """After loading weights into the model: ZeRO 1/2 keeps its own fp32 master copy of each
+    partition, which would otherwise overwrite the loaded weights at the next step."""
+    zero = zero_optimizer(optim)
+    if zero is not None:
+        zero.refresh_fp32_params()

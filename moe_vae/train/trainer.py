@@ -48,6 +48,7 @@ from moe_vae.parallel.sharding import (
     full_state_dict,
     load_full_optimizer_state,
     load_full_state_dict,
+    sync_master_weights,
 )
 from moe_vae.track.base import MultiTracker, build_tracker
 from moe_vae.train.checkpoint import (
@@ -58,6 +59,7 @@ from moe_vae.train.checkpoint import (
     save_rotating,
     set_rng_state,
 )
+from moe_vae.train.revival import collapse_message, pick_pairs, revive
 from moe_vae.train.run_dir import prepare_run_dir
 
 STEP_KEYS = (
@@ -184,11 +186,6 @@ class Trainer:
             self.tracker = build_tracker(cfg, self.run_dir, logged, self.tracker_id)
             self.tracker_id = self.tracker.run_id
 
-    @property
-    def _optimizer_state_portable(self) -> bool:
-        """Plain Adam, or DeepSpeed without ZeRO partitioning: state per parameter tensor."""
-        return self.engine is None or self.engine.zero_optimization_stage() == 0
-
     def _log(self, record: dict[str, Any]) -> None:
         if self.tracker is not None:
             self.tracker.log(record, self.step)
@@ -206,13 +203,13 @@ class Trainer:
             "data": loader_state(self.epoch, self.batches_done),
             "epoch_sums": self.epoch_sums.cpu(),
             "epoch_steps": self.epoch_steps,
+            "epoch_usage": torch.stack([self.epoch_importance, self.epoch_assigned]).cpu(),
             "epochs": self.epochs,
             "grid_rows": [torch.from_numpy(r) for r in self.grid_rows],
             "rng": rng,
             "tracker_run_id": self.tracker_id,
         }
-        if self._optimizer_state_portable:
-            state["optim"] = full_optimizer_state(self.model, self.optim, self.par)
+        state["optim"] = full_optimizer_state(self.model, self.optim, self.par)
         if self.par.info.world_size > 1:
             import torch.distributed as dist
 
@@ -240,18 +237,21 @@ class Trainer:
                 f"checkpoint {self.cfg.train.resume!r} does not fit this model: "
                 f"{str(err).splitlines()[0]}"
             ) from None
-        if "optim" in ckpt and self._optimizer_state_portable:
+        sync_master_weights(self.optim)
+        if "optim" in ckpt:
             load_full_optimizer_state(self.model, self.optim, ckpt["optim"])
         elif self.par.is_main:
             warnings.warn(
-                "resuming without optimizer state (not saved or not loadable under ZeRO stage "
-                "1/2, whose partitions are not consolidated yet): Adam's moments restart from zero",
+                "the checkpoint holds no optimizer state: Adam's moments restart from zero",
                 stacklevel=2,
             )
         self.step, self.epoch = ckpt["step"], ckpt["data"]["epoch"]
         self.batches_done = ckpt["data"]["batches_done"]
         self.epoch_sums = ckpt["epoch_sums"].to(self.device)
         self.epoch_steps = ckpt["epoch_steps"]
+        if "epoch_usage" in ckpt:
+            usage = ckpt["epoch_usage"].to(self.device)
+            self.epoch_importance, self.epoch_assigned = usage[0].clone(), usage[1].clone()
         complete = [i for i, r in enumerate(ckpt["epochs"]) if r.get("complete", True)]
         self.epochs = [ckpt["epochs"][i] for i in complete]
         self.grid_rows = [ckpt["grid_rows"][i].numpy() for i in complete]
@@ -376,6 +376,26 @@ class Trainer:
         }
         if self.device.type == "cuda":
             record["gpu/max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        record["experts/max_share"] = max(share)
+        warning = collapse_message(share, cfg.train.collapse_share)
+        if warning:
+            record["experts/collapse"] = True
+            self._log({"event": "manager_collapse", "step": self.step, "share": share})
+            if self.par.is_main:
+                tqdm.write(f"warning: {warning}", file=sys.stderr)
+        if complete and cfg.train.revive_dead_experts:
+            pairs = pick_pairs(share, cfg.eval.in_use_min_fraction)
+            revive(
+                self.model,
+                self.optim,
+                self.par,
+                pairs,
+                cfg.train.revive_noise,
+                seed=cfg.train.seed * 100_003 + epoch,
+            )
+            record["experts/revived"] = len(pairs)
+            if pairs:
+                self._log({"event": "experts_revived", "step": self.step, "pairs": pairs})
         if complete:  # the next epoch starts from its first batch
             self.epoch, self.batches_done, self.epoch_steps = epoch + 1, 0, 0
             self.epoch_sums.zero_()
@@ -391,6 +411,9 @@ class Trainer:
         routed = self.model.losses(x_BD, cfg.loss)
         terms = objective(routed, cfg.loss, self.par.sum_over_ranks if world > 1 else None)
         terms.dropped = routed.dropped
+        if self.engine is not None and self.engine.zero_optimization_stage() > 0:
+            finite, stop = self._zero_backward_step(terms.total)
+            return (self._usage(routed, terms) if finite else terms), finite, stop
         if self.engine is not None:  # DeepSpeed reduces gradients (experts over their group)
             self.engine.backward(terms.total)
         else:
@@ -398,23 +421,12 @@ class Trainer:
             terms.total.backward()
         # One flag tensor, reduced once: [bad on any rank, stop asked on any rank].
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        finite = (
+        all_finite = (
             torch.isfinite(terms.total.detach())
             & torch.stack([g.isfinite().all() for g in grads]).all()
         )
-        flags = torch.stack([~finite, torch.tensor(self.stop_signal is not None)]).float()
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad, stop = (bool(v) for v in flags.tolist())
+        bad, stop = self._any_rank(~all_finite)
         if bad:  # skip the update everywhere; DeepSpeed alone would not in fp32
-            if self.engine is not None and self.engine.zero_optimization_stage() > 0:
-                raise Stopped(
-                    "a non-finite loss or gradient under ZeRO stage 1/2 cannot be skipped yet; "
-                    f"stopped before the update (last good state at step {self.step}): use "
-                    "ZeRO 0, lower optim.lr, or resume from the last checkpoint"
-                )
             for p in self.model.parameters():
                 p.grad = None
             return terms, False, stop
@@ -424,6 +436,35 @@ class Trainer:
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             self.optim.step()
+        return self._usage(routed, terms), True, stop
+
+    def _any_rank(self, bad: torch.Tensor) -> tuple[bool, bool]:
+        """(bad on any rank, stop asked on any rank): one small tensor, reduced once."""
+        flags = torch.stack([bad.cpu(), torch.tensor(self.stop_signal is not None)]).float()
+        if self.par.info.world_size > 1:
+            import torch.distributed as dist
+
+            flags = flags.to(self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad_any, stop = (bool(v) for v in flags.tolist())
+        return bad_any, stop
+
+    def _zero_backward_step(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """ZeRO 1/2: gradients go straight into partitioned buffers, so the check is split. A
+        non-finite loss on any rank skips backward and step everywhere; a non-finite gradient is
+        caught by the ZeRO optimizer's own overflow check (enabled in build_engine), which
+        clears the partitions on every rank and skips the update. Returns (applied, stop)."""
+        assert self.engine is not None
+        bad, stop = self._any_rank(~torch.isfinite(loss.detach()))
+        if bad:
+            return False, stop
+        self.engine.backward(loss)
+        self.engine.step()
+        return bool(self.engine.was_step_applied()), stop
+
+    def _usage(self, routed: Any, terms: LossTerms) -> LossTerms:
+        """Adds this step's expert usage to the epoch's statistics and the manager's entropy to
+        `terms` (after an applied step)."""
         with torch.no_grad():
             probs_BE = routed.logits_BE.softmax(-1)
             self.epoch_importance += probs_BE.sum(0)
@@ -431,7 +472,7 @@ class Trainer:
                 probs_BE.argmax(-1), minlength=probs_BE.shape[1]
             ).float()
             terms.entropy = -(probs_BE * probs_BE.clamp_min(1e-12).log()).sum(-1).mean()
-        return terms, True, stop
+        return terms
 
     def evaluate(self) -> dict[str, Any]:
         if self.data.test is None:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from moe_vae.config import load_config
+from moe_vae.track.jsonl import read_jsonl
 from moe_vae.train.trainer import Stopped, Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,3 +176,28 @@ def test_too_many_nonfinite_steps_stop_with_the_last_good_state(tmp_path, monkey
     ckpt = torch.load(tmp_path / "n" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 6
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_collapse_is_reported_and_dead_experts_are_revived(tmp_path, monkeypatch):
+    """Thresholds set so that usage always trips them: the collapse event and warning appear
+    and experts below the in-use share are revived at each epoch's end."""
+    monkeypatch.chdir(REPO)
+    cfg = _cfg(
+        tmp_path,
+        "--train.collapse_share=0.26",  # 4 experts: some expert always gets more than 1/4
+        "--train.revive_dead_experts=true",
+        "--eval.in_use_min_fraction=0.24",
+    )
+    res = Trainer(cfg, quiet=True).fit()
+    events = read_jsonl(tmp_path / "n" / "metrics.jsonl")
+    collapses = [e for e in events if e.get("event") == "manager_collapse"]
+    revived = [e for e in events if e.get("event") == "experts_revived"]
+    assert len(collapses) == 2 and all(max(e["share"]) > 0.26 for e in collapses)
+    assert revived and all(len(e["pairs"]) >= 1 for e in revived)
+    for e in revived:
+        dead = {d for d, _ in e["pairs"]}
+        donors = {d for _, d in e["pairs"]}
+        assert not dead & donors
+    assert all(r["experts/collapse"] for r in res.epochs)
+    assert sum(r["experts/revived"] for r in res.epochs) == sum(len(e["pairs"]) for e in revived)
+    assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in res.epochs)
