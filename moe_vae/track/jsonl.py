@@ -49,3 +49,9 @@ class JsonlTracker:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def step_values(path: str | Path, key: str = "loss/total") -> dict[int, float]:
+    """One logged value per step from a metrics.jsonl; a step logged again after a resume
+    counts with its last value (what the resumed run computed)."""
+    return {r["step"]: r[key] for r in read_jsonl(path) if "event" not in r and key in r}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from moe_vae.model.mixture import MixtureOfVAEs
+from moe_vae.track.jsonl import step_values
 from moe_vae.train.checkpoint import load_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -34,9 +36,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed(n: int, script: str, *args: str, timeout: int = TIMEOUT, port: int | None = None):
-    """Run the real `deepspeed` launcher; on a timeout its whole process group is killed, so no
-    rank outlives the test."""
+def start_deepspeed(n: int, script: str, *args: str, port: int | None = None) -> subprocess.Popen:
+    """The real `deepspeed` launcher in its own process group (so the whole job can be killed)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     cmd = [
@@ -48,7 +49,7 @@ def deepspeed(n: int, script: str, *args: str, timeout: int = TIMEOUT, port: int
         script,
         *args,
     ]
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd,
         cwd=REPO,
         env=env,
@@ -57,13 +58,19 @@ def deepspeed(n: int, script: str, *args: str, timeout: int = TIMEOUT, port: int
         text=True,
         start_new_session=True,
     )
+
+
+def deepspeed(n: int, script: str, *args: str, timeout: int = TIMEOUT, port: int | None = None):
+    """Run the launcher to the end; on a timeout its whole process group is killed, so no rank
+    outlives the test."""
+    proc = start_deepspeed(n, script, *args, port=port)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.parametrize(
@@ -215,45 +222,60 @@ def test_a_failing_rank_ends_the_job(tmp_path):
 
 
 def _step_losses(run: Path) -> dict[int, float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "event" not in r:
-            out[r["step"]] = r["loss/total"]
-    return out
+    return step_values(run / "metrics.jsonl")
+
+
+def _kill_job_at_step(proc: subprocess.Popen, run: Path, step: int) -> None:
+    """SIGKILL the launcher and every rank once the run has logged `step`."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and max(
+            step_values(run / "metrics.jsonl"), default=0
+        ) >= step:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return
+        assert proc.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise TimeoutError(f"step {step} not reached")
 
 
 @pytest.mark.parametrize("zero", [0, 2])
-def test_two_rank_resume_matches_uninterrupted(tmp_path, zero):
-    """2 ranks, ZeRO 0 or 2: stop at step 7 of 20, resume; per-step losses and final weights
-    match the uninterrupted run (model, ZeRO's fp32 master weights, Adam state by parameter and
-    every rank's RNG are restored)."""
+def test_two_rank_kill_9_and_resume_matches_uninterrupted(tmp_path, zero):
+    """2 ranks through the deepspeed launcher, ZeRO 0 or 2: the whole job is SIGKILLed at a
+    random step, then resumed with train.resume=auto; per-step losses and final weights match
+    the uninterrupted run (model, ZeRO's fp32 master weights, Adam state by parameter and
+    every rank's RNG are restored). Stated tolerance for 2 processes: relative 1e-6."""
     common = [
         "train",
         "--config",
         "configs/tiny.yaml",
         f"--output.dir={tmp_path}",
         "--train.log_every=1",
+        "--train.checkpoint_every=4",
         "--track.wandb=disabled",
         "--quiet",
         f"--parallel.deepspeed_config=configs/deepspeed/zero{zero}.json",
     ]
     full = deepspeed(2, str(BIN / "moe-vae"), *common, "--output.name=full")
     assert full.returncode == 0, full.stdout[-2000:] + full.stderr[-2000:]
-    part = deepspeed(2, str(BIN / "moe-vae"), *common, "--output.name=part", "--train.max_steps=7")
-    assert part.returncode == 0, part.stdout[-2000:] + part.stderr[-2000:]
+    kill_at = random.Random(time.time_ns()).randint(5, 17)
+    job = start_deepspeed(2, str(BIN / "moe-vae"), *common, "--output.name=part")
+    _kill_job_at_step(job, tmp_path / "part", kill_at)
+    assert job.returncode != 0
+    assert (tmp_path / "part" / "checkpoint.pt").is_file()
     resumed = deepspeed(
-        2,
-        str(BIN / "moe-vae"),
-        *common,
-        "--output.name=part",
-        f"--train.resume={tmp_path}/part/checkpoint.pt",
+        2, str(BIN / "moe-vae"), *common, "--output.name=part", "--train.resume=auto"
     )
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    a, b = _step_losses(tmp_path / "full"), _step_losses(tmp_path / "part")
-    assert sorted(a) == sorted(b) == list(range(1, 21))
-    for step in a:  # stated tolerance for 2 processes: relative 1e-6
-        assert b[step] == pytest.approx(a[step], rel=1e-6), step
+    a, b = (
+        step_values(tmp_path / "full/metrics.jsonl"),
+        step_values(tmp_path / "part/metrics.jsonl"),
+    )
+    assert sorted(a) == sorted(b) == list(range(1, 21)), kill_at
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-6), (step, kill_at)
     wa, wb = (
         load_file(tmp_path / "full" / "model.safetensors"),
         load_file(tmp_path / "part" / "model.safetensors"),

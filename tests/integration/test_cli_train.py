@@ -159,3 +159,17 @@ def test_print_config_and_help():
         [sys.executable, "-m", "moe_vae", "--version"], capture_output=True, text=True, timeout=60
     )
     assert mod.returncode == 0 and mod.stdout.startswith("moe-vae ")
+
+
+def test_unwritable_output_directory_is_one_clear_line(tmp_path):
+    """output.dir is a regular file (permission bits do not stop root, a file in the way does):
+    one line naming the directory, exit 2, the file untouched."""
+    blocker = tmp_path / "outputs"
+    blocker.write_text("not a directory\n")
+    proc = run_cli(
+        "train", "--config", "configs/tiny.yaml", f"--output.dir={blocker}", "--output.name=r"
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "cannot create run directory" in proc.stderr and str(blocker / "r") in proc.stderr
+    assert blocker.read_text() == "not a directory\n"

@@ -4,7 +4,6 @@ exactly like a run that was never interrupted (one process, CPU: bit for bit).""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from moe_vae.config import load_config
-from moe_vae.track.jsonl import read_jsonl
+from moe_vae.track.jsonl import read_jsonl, step_values
 from moe_vae.train.trainer import Stopped, Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,13 +55,7 @@ def _start(out: Path, name: str, *extra: str) -> subprocess.Popen:
 
 
 def _steps(run: Path) -> dict[int, float]:
-    """Loss per step; a step logged again after a resume counts with its last value."""
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "event" not in r:
-            out[r["step"]] = r["loss/total"]
-    return out
+    return step_values(run / "metrics.jsonl")
 
 
 def _wait_for_step(run: Path, step: int, proc: subprocess.Popen) -> None:

@@ -3,13 +3,12 @@ that never stopped (bit-identical on CPU, one process)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from moe_vae.config import load_config
+from moe_vae.track.jsonl import step_values
 from moe_vae.train import train
 from moe_vae.train.checkpoint import CheckpointError
 
@@ -28,8 +27,7 @@ def _cfg(tmp_path, name, *extra):
 
 
 def _steps(run_dir):
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss/total"] for r in lines if "event" not in r}
+    return step_values(run_dir / "metrics.jsonl")
 
 
 def _mnist_shards(out):
