@@ -14,6 +14,24 @@ class RunDirError(MoeVaeError):
     """The output directory cannot be used (exists with outputs, or not writable)."""
 
 
+def check_output_dir(cfg: OutputConfig) -> None:
+    """Fail early (before any data is prepared) when output.dir cannot hold run directories:
+    its nearest existing ancestor must be a writable directory."""
+    out = Path(cfg.dir).expanduser()
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirError(
+            f"output.dir {str(out)!r} cannot hold run directories: {str(existing)!r} is not "
+            f"a directory"
+        )
+    if not os.access(existing, os.W_OK):
+        raise RunDirError(
+            f"output.dir {str(out)!r} cannot be created: {str(existing)!r} is read-only"
+        )
+
+
 def prepare_run_dir(cfg: OutputConfig, default_name: str = "run") -> Path:
     name = cfg.name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.dir).expanduser() / name

@@ -60,7 +60,7 @@ from moe_vae.train.checkpoint import (
     set_rng_state,
 )
 from moe_vae.train.revival import collapse_message, pick_pairs, revive
-from moe_vae.train.run_dir import prepare_run_dir
+from moe_vae.train.run_dir import check_output_dir, prepare_run_dir
 
 STEP_KEYS = (
     "loss/total",
@@ -111,6 +111,8 @@ class Trainer:
                 f"train.batch_size={cfg.train.batch_size} (global) must divide evenly over "
                 f"{world} processes"
             )
+        if self.par.is_main:
+            check_output_dir(cfg.output)
         seed_everything(cfg.train.seed)
         if cfg.data.name == "mnist":  # one rank writes the shard cache, the others wait for it
             if self.par.is_main:

@@ -163,7 +163,7 @@ def test_print_config_and_help():
 
 def test_unwritable_output_directory_is_one_clear_line(tmp_path):
     """output.dir is a regular file (permission bits do not stop root, a file in the way does):
-    one line naming the directory, exit 2, the file untouched."""
+    one line naming it, exit 2, before any data is prepared, the file untouched."""
     blocker = tmp_path / "outputs"
     blocker.write_text("not a directory\n")
     proc = run_cli(
@@ -171,5 +171,5 @@ def test_unwritable_output_directory_is_one_clear_line(tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert "cannot create run directory" in proc.stderr and str(blocker / "r") in proc.stderr
+    assert "output.dir" in proc.stderr and f"{str(blocker)!r} is not a directory" in proc.stderr
     assert blocker.read_text() == "not a directory\n"
