@@ -48,6 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _add_data_parser(sub)
     _add_use_parsers(sub)
+    bench = sub.add_parser(
+        "bench",
+        help="time our training step against the naive port, side by side",
+        description=(
+            "Time the trainer's step and a naive port (a Python loop over E VAE modules, eager, "
+            "standard DataLoader) on the same config and data, in this process. Dotted "
+            "overrides work as for train (e.g. --model.num_experts=16)."
+        ),
+    )
+    bench.add_argument("--config", type=Path, help="YAML config (default: the founding recipe)")
+    bench.add_argument("--steps", type=_positive, default=200, help="timed steps (default 200)")
+    bench.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
+    bench.add_argument("--no-baseline", action="store_true", help="time ours only")
     return parser
 
 
@@ -274,12 +287,38 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
+    from moe_vae.bench.run import bench_naive, bench_ours, format_table
+    from moe_vae.config.load import load_config
+
+    cfg = load_config(args.config, overrides)
+    if args.warmup < 0:
+        raise MoeVaeError(f"--warmup {args.warmup}: expected 0 or more steps")
+    if not args.no_baseline and (cfg.model.expert != "mlp" or cfg.model.routing != "dense"):
+        raise MoeVaeError(
+            "the naive baseline implements dense routing over MLP experts only "
+            f"(model.expert={cfg.model.expert}, model.routing={cfg.model.routing}): "
+            "pass --no-baseline"
+        )
+    torch_threads = torch.get_num_threads()
+    rows = [bench_ours(cfg, args.steps, args.warmup)]
+    device = rows[0].device
+    if not args.no_baseline:
+        rows.append(bench_naive(cfg, args.steps, args.warmup, device))
+    print(format_table(rows, f"{device} ({torch_threads} threads)"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "train":
             return _train(args, rest)
+        if args.command == "bench":
+            return _bench(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "data":

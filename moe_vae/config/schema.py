@@ -54,6 +54,12 @@ class LossConfig(Section):
     # expected: mean_b Σ_i p_i L_i (the seed); mixture: mean_b −log Σ_i p_i exp(−L_i).
     objective: Literal["expected", "mixture"] = "expected"
     balancing_weight: Annotated[float, Field(ge=0)] = 0.1
+    # Semi-supervised: the labels of this fraction of training samples (chosen by a hash of the
+    # key) or of the keys listed in `labelled_keys` (a text file) add label_weight x the
+    # manager's cross-entropy (label c -> expert c). 0 and null: unsupervised (the seed).
+    label_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    labelled_keys: str | None = None
+    label_weight: Annotated[float, Field(ge=0)] = 1.0
 
 
 class OptimConfig(Section):
@@ -66,6 +72,8 @@ class OptimConfig(Section):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     # Clip the global gradient norm to this value (0 = no clipping).
     grad_clip: Annotated[float, Field(ge=0)] = 0.0
+    # torch's Adam implementation (the same algorithm): fused (fastest), foreach or loop.
+    impl: Literal["fused", "foreach", "loop"] = "fused"
 
 
 class TrainConfig(Section):

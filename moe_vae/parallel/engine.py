@@ -16,6 +16,7 @@ from torch import nn
 
 from moe_vae.config.schema import Config
 from moe_vae.errors import MoeVaeError
+from moe_vae.optim import build_adam
 
 # DeepSpeed key -> the key of our config that owns it.
 OWNED_BY_US = {
@@ -87,13 +88,7 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int) -> Any:
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "parameters"}
     )
-    optimizer = torch.optim.Adam(
-        groups,
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-    )
+    optimizer = build_adam(groups, cfg.optim)
     ds = deepspeed_dict(cfg, world_size, load_knobs(cfg.parallel.deepspeed_config))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     if engine.zero_optimization_stage() > 0:

@@ -58,7 +58,9 @@ def _zero_base_state(zero: Any) -> list[dict[str, Any]]:
     for flat in zero.single_partition_of_fp32_groups:
         if not zero.optimizer.state.get(flat):
             zero.optimizer.state[flat] = {
-                "step": torch.tensor(0.0),
+                "step": torch.zeros(
+                    (), device=flat.device if _on_device_step(zero.optimizer) else "cpu"
+                ),
                 "exp_avg": torch.zeros_like(flat),
                 "exp_avg_sq": torch.zeros_like(flat),
             }
@@ -66,6 +68,11 @@ def _zero_base_state(zero: Any) -> list[dict[str, Any]]:
     zero._hp_optimizer_states_linked = False
     zero._lazy_init_hp_params_optimizer_state()
     return states
+
+
+def _on_device_step(optim: Any) -> bool:
+    """torch's fused/capturable Adam keeps its step count on the parameters' device."""
+    return any(g.get("fused") or g.get("capturable") for g in optim.param_groups)
 
 
 def _local_optimizer_state(optim: Any) -> Callable[[torch.nn.Parameter], dict[str, object]]:
@@ -121,6 +128,7 @@ def load_full_optimizer_state(
     ids = model.expert_ids
     zero = zero_optimizer(optim)
     zero_states = _zero_base_state(zero) if zero is not None else []
+    step_on_device = _on_device_step(zero.optimizer if zero is not None else optim)
     for name, p in model.named_parameters():
         if name not in full:
             continue
@@ -131,6 +139,8 @@ def load_full_optimizer_state(
                 if sharded:
                     value = value.reshape(model.num_experts, -1)[ids.start : ids.stop]
                     value = value.reshape(p.shape)
+                value = value.to(p.device)
+            elif torch.is_tensor(value) and step_on_device:
                 value = value.to(p.device)
             entry[key] = value
         if zero is None:
@@ -149,7 +159,7 @@ def _set_zero_state(
             safe_set_full_optimizer_state(p, value.float(), key)
         elif key == "step":  # one step count per flat partition: Adam steps all together
             for state in states:
-                state["step"] = torch.as_tensor(value, dtype=torch.float32).clone()
+                state["step"] = torch.as_tensor(value, dtype=torch.float32).to(state["step"].device)
 
 
 def sync_master_weights(optim: Any) -> None:

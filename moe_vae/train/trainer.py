@@ -41,6 +41,7 @@ from moe_vae.evaluate.plots import (
 )
 from moe_vae.model.losses import LossTerms, objective
 from moe_vae.model.mixture import MixtureOfVAEs
+from moe_vae.optim import build_adam
 from moe_vae.parallel.engine import build_engine
 from moe_vae.parallel.setup import parallelize, setup_parallel
 from moe_vae.parallel.sharding import (
@@ -59,6 +60,7 @@ from moe_vae.train.checkpoint import (
     save_rotating,
     set_rng_state,
 )
+from moe_vae.train.labels import LabelPolicy
 from moe_vae.train.revival import collapse_message, pick_pairs, revive
 from moe_vae.train.run_dir import check_output_dir, prepare_run_dir
 
@@ -128,6 +130,7 @@ class Trainer:
             progress=not self.quiet,
         )
         self.image_shape = self.data.image_shape
+        self.labels = LabelPolicy(cfg.loss, cfg.model.num_experts)
 
         self.model = MixtureOfVAEs(cfg.model, self.image_shape, expert_ids=self.par.expert_ids)
         parallelize(self.model, self.par, cfg.train.seed)
@@ -136,13 +139,7 @@ class Trainer:
         self.optim = (
             self.engine.optimizer
             if self.engine is not None
-            else torch.optim.Adam(
-                self.model.parameters(),
-                lr=cfg.optim.lr,
-                betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
-                eps=cfg.optim.eps,
-                weight_decay=cfg.optim.weight_decay,
-            )
+            else build_adam(self.model.parameters(), cfg.optim)
         )
         if world > 1:  # ranks draw their own latent noise (their experts and inputs differ)
             torch.manual_seed(cfg.train.seed * 7919 + rank + 1)
@@ -281,7 +278,10 @@ class Trainer:
         )
         for batch in loader.epoch_batches(epoch, skip=self.batches_done):
             x_BD = to_inputs(batch.images.to(self.device, non_blocking=True))
-            terms, finite, stop = self.train_step(x_BD)
+            targets_B = None
+            if self.labels.active:
+                targets_B = self.labels.targets(batch.keys, batch.labels.to(self.device))
+            terms, finite, stop = self.train_step(x_BD, targets_B)
             self.step += 1
             self.batches_done += 1
             self.epoch_steps += 1
@@ -376,6 +376,7 @@ class Trainer:
             "data/bad_samples": sum(bad.values()),
             **{f"data/bad/{k}": v for k, v in sorted(bad.items())},
         }
+        record.update(resident_memory_mb())
         if self.device.type == "cuda":
             record["gpu/max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         record["experts/max_share"] = max(share)
@@ -405,14 +406,19 @@ class Trainer:
             self.epoch_assigned.zero_()
         return record
 
-    def train_step(self, x_BD: torch.Tensor) -> tuple[LossTerms, bool, bool]:
+    def train_step(
+        self, x_BD: torch.Tensor, targets_B: torch.Tensor | None = None
+    ) -> tuple[LossTerms, bool, bool]:
         """Forward (through the dispatcher), backward, and the optimizer step unless the loss or
-        a gradient is not finite on any rank. Returns (terms, finite, stop requested)."""
+        a gradient is not finite on any rank. `targets_B`: labels of the labelled samples (-1
+        elsewhere), semi-supervised only. Returns (terms, finite, stop requested)."""
         cfg = self.cfg
         world = self.par.info.world_size
         routed = self.model.losses(x_BD, cfg.loss)
         terms = objective(routed, cfg.loss, self.par.sum_over_ranks if world > 1 else None)
         terms.dropped = routed.dropped
+        if targets_B is not None:
+            terms.total = terms.total + self.labels.loss(routed.logits_BE, targets_B)
         if self.engine is not None and self.engine.zero_optimization_stage() > 0:
             finite, stop = self._zero_backward_step(terms.total)
             return (self._usage(routed, terms) if finite else terms), finite, stop
@@ -604,6 +610,24 @@ def train(cfg: Config, run_name: str = "run", quiet: bool = False) -> RunResult:
     result = trainer.fit()
     trainer.par.shutdown()
     return result
+
+
+def resident_memory_mb() -> dict[str, float]:
+    """RSS of this process and, apart, of its children (DataLoader workers), in MB: what a
+    slow leak across epochs shows in."""
+    import psutil
+
+    me = psutil.Process()
+    children = 0
+    for child in me.children(recursive=True):
+        try:
+            children += child.memory_info().rss
+        except psutil.Error:  # a worker that just exited
+            continue
+    return {
+        "memory/rss_mb": me.memory_info().rss / 2**20,
+        "memory/workers_rss_mb": children / 2**20,
+    }
 
 
 def _epoch_summary(r: dict[str, Any]) -> str:

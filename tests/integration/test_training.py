@@ -80,3 +80,25 @@ def test_seed_recipe_learns_clusters_far_above_chance(tmp_path, monkeypatch, rep
     assert ev["nmi"] >= 0.25, ev
     assert ev["experts_in_use"] >= 8, ev
     assert res.epochs[-1]["loss/expected"] < res.epochs[0]["loss/expected"]
+
+
+def test_semi_supervised_with_every_label_learns_the_labels(tmp_path, monkeypatch, repo):
+    """label_fraction=1: the manager becomes a classifier with expert c = digit c, so the
+    expert x class table is mostly diagonal (no Hungarian matching needed)."""
+    monkeypatch.chdir(repo)
+    res = train(
+        _tiny(
+            tmp_path,
+            "semi",
+            "--model.num_experts=10",
+            "--data.train_limit=2000",
+            "--data.test_limit=500",
+            "--train.epochs=3",
+            "--loss.label_fraction=1",
+            "--loss.label_weight=100",
+        ),
+        quiet=True,
+    )
+    table = torch.tensor(res.final_eval["confusion"], dtype=torch.float)  # experts x classes
+    assert table.shape == (10, 10)
+    assert (table.diagonal().sum() / table.sum()).item() > 0.6

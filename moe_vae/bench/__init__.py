@@ -1,0 +1,1 @@
+"""Benchmarks shipped with the package: `moe-vae bench` (ours against a naive port)."""

@@ -1,0 +1,29 @@
+"""The optimizer, built in one place for the plain trainer and the DeepSpeed engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from moe_vae.config.schema import OptimConfig
+
+
+def build_adam(params: Iterable[Any], cfg: OptimConfig) -> torch.optim.Adam:
+    """Adam with the config's hyper-parameters. `optim.impl` picks torch's implementation (the
+    same algorithm): fused (one kernel over all parameters, CPU and CUDA), foreach (a few
+    multi-tensor kernels) or loop (one set of kernels per parameter, torch's CPU default)."""
+    impl: dict[str, Any] = {
+        "fused": {"fused": True},
+        "foreach": {"foreach": True},
+        "loop": {"foreach": False},
+    }[cfg.impl]
+    return torch.optim.Adam(
+        params,
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        **impl,
+    )

@@ -1,0 +1,62 @@
+"""Semi-supervised training: which samples' labels the trainer may use, and their loss term.
+
+A sample is labelled when its key is in `loss.labelled_keys` (a text file, one key per line) or,
+with `loss.label_fraction`, when a hash of its key falls below the fraction: the same samples on
+every rank, worker, epoch and resume, with no list to ship. Label c asks the manager for expert
+c (the founding material's π layer read as a classifier), so labels must be < num_experts.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moe_vae.config.schema import LossConfig
+from moe_vae.errors import MoeVaeError
+
+
+class LabelPolicy:
+    def __init__(self, cfg: LossConfig, num_experts: int) -> None:
+        self.fraction = cfg.label_fraction
+        self.weight = cfg.label_weight
+        self.num_experts = num_experts
+        self.keys: set[str] | None = None
+        if cfg.labelled_keys:
+            path = Path(cfg.labelled_keys).expanduser()
+            try:
+                self.keys = {k.strip() for k in path.read_text().splitlines() if k.strip()}
+            except OSError as err:
+                raise MoeVaeError(
+                    f"loss.labelled_keys {str(path)!r} cannot be read: {err.strerror} "
+                    f"(expected a text file with one sample key per line)"
+                ) from None
+
+    @property
+    def active(self) -> bool:
+        return self.fraction > 0 or self.keys is not None
+
+    def is_labelled(self, key: str) -> bool:
+        if self.keys is not None and key in self.keys:
+            return True
+        return zlib.crc32(key.encode()) / 2**32 < self.fraction
+
+    def targets(self, keys: list[str], labels_B: torch.Tensor) -> torch.Tensor:
+        """The label of each labelled sample with a known label, -1 elsewhere: [B]."""
+        use = torch.tensor([self.is_labelled(k) for k in keys], device=labels_B.device)
+        targets_B = torch.where(use & (labels_B >= 0), labels_B, torch.full_like(labels_B, -1))
+        if bool((targets_B >= self.num_experts).any()):
+            raise MoeVaeError(
+                f"label {int(targets_B.max())} has no expert: semi-supervised training maps "
+                f"label c to expert c, so model.num_experts must exceed every label "
+                f"(it is {self.num_experts})"
+            )
+        return targets_B
+
+    def loss(self, logits_BE: torch.Tensor, targets_B: torch.Tensor) -> torch.Tensor:
+        """label_weight x cross-entropy of the manager on the labelled samples, summed and
+        divided by the batch size (so it scales like the per-sample VAE losses)."""
+        ce = F.cross_entropy(logits_BE, targets_B, ignore_index=-1, reduction="sum")
+        return self.weight * ce / len(targets_B)
