@@ -53,11 +53,11 @@ class StackedLinear(nn.Module):
         b_EO: torch.Tensor = self.bias_EO
         if experts is not None:
             w_EIO, b_EO = w_EIO[experts], b_EO[experts]
-        E, I, O = w_EIO.shape
         if h.dim() == 2:
-            # Shared input: every expert's layer is one [B, I] x [I, E*O] GEMM.
-            out_BEO = (h @ w_EIO.permute(1, 0, 2).reshape(I, E * O)).view(-1, E, O)
-            return out_BEO.transpose(0, 1) + b_EO[:, None, :]
+            # Shared input: one batched GEMM over a broadcast (not copied) input. Measured on
+            # CPU, 2.5x faster than one [B, I] x [I, E*O] GEMM, whose weight view must be copied
+            # into that layout at every call (and its gradient copied back).
+            h = h.expand(w_EIO.shape[0], *h.shape)
         return torch.baddbmm(b_EO[:, None, :], h, w_EIO)
 
 
