@@ -158,8 +158,9 @@ def _set_zero_state(
         if torch.is_tensor(value) and value.dim() > 0:
             safe_set_full_optimizer_state(p, value.float(), key)
         elif key == "step":  # one step count per flat partition: Adam steps all together
-            for state in states:
-                state["step"] = torch.as_tensor(value, dtype=torch.float32).to(state["step"].device)
+            for state in states:  # a tensor each: Adam increments it in place
+                step = torch.as_tensor(value, dtype=torch.float32)
+                state["step"] = step.to(state["step"].device, copy=True)
 
 
 def sync_master_weights(optim: Any) -> None:
