@@ -56,9 +56,9 @@ def main() -> int:
     unchanged: dict[int, bool] = {}
     step_fn = trainer.train_step
 
-    def recording(x):
+    def recording(x, *rest):
         before = [p.detach().clone() for p in trainer.model.parameters()]
-        out = step_fn(x)
+        out = step_fn(x, *rest)
         after = list(trainer.model.parameters())
         unchanged[trainer.step + 1] = all(
             torch.equal(a, b) for a, b in zip(before, after, strict=True)

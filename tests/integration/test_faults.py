@@ -139,9 +139,9 @@ def test_nonfinite_steps_are_skipped_without_touching_the_weights(tmp_path, monk
     snapshots = {}
     step_fn = trainer.train_step
 
-    def recording(x):
+    def recording(x, *rest):
         before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-        out = step_fn(x)
+        out = step_fn(x, *rest)
         snapshots[trainer.step + 1] = (
             before,
             {k: v.clone() for k, v in trainer.model.state_dict().items()},
