@@ -58,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     bench.add_argument("--config", type=Path, help="YAML config (default: the founding recipe)")
-    bench.add_argument("--steps", type=_positive, default=200, help="timed steps (default 200)")
+    bench.add_argument(
+        "--steps", type=_positive, default=100, help="timed steps per round (default 100)"
+    )
+    bench.add_argument(
+        "--repeats", type=_positive, default=5, help="alternating rounds, median kept (default 5)"
+    )
     bench.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
     bench.add_argument("--no-baseline", action="store_true", help="time ours only")
     return parser
@@ -290,7 +295,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
-    from moe_vae.bench.run import bench_naive, bench_ours, format_table
+    from moe_vae.bench.run import format_table, run_bench
     from moe_vae.config.load import load_config
 
     cfg = load_config(args.config, overrides)
@@ -302,12 +307,8 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
             f"(model.expert={cfg.model.expert}, model.routing={cfg.model.routing}): "
             "pass --no-baseline"
         )
-    torch_threads = torch.get_num_threads()
-    rows = [bench_ours(cfg, args.steps, args.warmup)]
-    device = rows[0].device
-    if not args.no_baseline:
-        rows.append(bench_naive(cfg, args.steps, args.warmup, device))
-    print(format_table(rows, f"{device} ({torch_threads} threads)"))
+    rows, device = run_bench(cfg, args.steps, args.warmup, args.repeats, not args.no_baseline)
+    print(format_table(rows, f"{device} ({torch.get_num_threads()} threads)", args.repeats))
     return 0
 
 

@@ -2,24 +2,37 @@
 
 Ours is the trainer's real step (Trainer.train_step: forward through the dispatcher, backward,
 finite check, Adam) fed by our data path; the baseline is moe_vae.bench.naive fed by a standard
-DataLoader. Each runs `warmup` untimed steps, then `steps` timed ones. The table gives steps/s,
-samples/s, the time the whole recipe (train.epochs of the training set) would take at that
-rate, and the speed-up of ours over the baseline. Final losses are printed as a sanity check
-(same math, so similar values; they are single-sample ELBO estimates, so not identical).
+DataLoader. Both first run `warmup` untimed steps; then `repeats` rounds alternate between them,
+`steps` timed steps each, so a slow phase of a shared machine hits both; the median round
+counts. The table gives steps/s, samples/s, the time the whole recipe (train.epochs of the
+training set) would take at that rate, and the speed-up over the baseline. The last losses are
+a sanity check (same math, so similar values; single-sample ELBO estimates, not identical).
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 
 import torch
 
 from moe_vae.bench.naive import NaiveMixture
 from moe_vae.config.schema import Config
 from moe_vae.evaluate.evaluator import to_inputs
+
+
+@dataclass
+class Contender:
+    name: str
+    step: Callable[[torch.Tensor], torch.Tensor]  # one training step, returns the loss
+    batches: Iterator[torch.Tensor]
+    steps_per_epoch: int
+    rounds: list[float] = field(default_factory=list)  # seconds per step, one per round
+    last_loss: float = float("nan")
 
 
 @dataclass
@@ -50,68 +63,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(
-    step: Callable[[torch.Tensor], torch.Tensor],
-    batches: Iterator[torch.Tensor],
-    steps: int,
-    warmup: int,
-    device: torch.device,
-) -> tuple[float, float]:
-    """(seconds per step over the timed steps, the last loss)."""
-    loss = torch.zeros(())
-    for _ in range(warmup):
-        loss = step(next(batches))
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step(next(batches))
-    _sync(device)
-    return (time.perf_counter() - t0) / steps, float(loss)
-
-
 def _forever(make: Callable[[], Iterator[torch.Tensor]]) -> Iterator[torch.Tensor]:
     while True:
         yield from make()
 
 
-def bench_ours(cfg: Config, steps: int, warmup: int) -> BenchRow:
+def ours(cfg: Config, stack: ExitStack) -> tuple[Contender, torch.device]:
     from moe_vae.train.trainer import Trainer
 
-    with tempfile.TemporaryDirectory() as out:
-        run_cfg = cfg.model_copy(
-            update={
-                "output": cfg.output.model_copy(update={"dir": out, "name": "bench"}),
-                "track": cfg.track.model_copy(update={"wandb": "disabled"}),
-            }
-        )
-        trainer = Trainer(run_cfg, quiet=True)
-        loader, device = trainer.data.train, trainer.device
-        epoch = iter(range(1, 10**9))
+    out = stack.enter_context(tempfile.TemporaryDirectory())
+    run_cfg = cfg.model_copy(
+        update={
+            "output": cfg.output.model_copy(update={"dir": out, "name": "bench"}),
+            "track": cfg.track.model_copy(update={"wandb": "disabled"}),
+        }
+    )
+    trainer = Trainer(run_cfg, quiet=True)
+    if trainer.tracker is not None:
+        stack.callback(trainer.tracker.finish)
+    loader, device = trainer.data.train, trainer.device
+    epoch = iter(range(1, 10**9))
 
-        def batches() -> Iterator[torch.Tensor]:
-            for batch in loader.epoch_batches(next(epoch)):
-                yield to_inputs(batch.images.to(device, non_blocking=True))
+    def batches() -> Iterator[torch.Tensor]:
+        for batch in loader.epoch_batches(next(epoch)):
+            yield to_inputs(batch.images.to(device, non_blocking=True))
 
-        def step(x_BD: torch.Tensor) -> torch.Tensor:
-            terms, _, _ = trainer.train_step(x_BD)
-            return terms.total.detach()
+    def step(x_BD: torch.Tensor) -> torch.Tensor:
+        terms, _, _ = trainer.train_step(x_BD)
+        return terms.total.detach()
 
-        sec, last = _time(step, _forever(batches), steps, warmup, device)
-        if trainer.tracker is not None:
-            trainer.tracker.finish()
-        steps_per_epoch = loader.steps_in_epoch(1)
-        return BenchRow(
-            "moe-vae", sec, cfg.train.batch_size, steps_per_epoch, cfg.train.epochs, last, device
-        )
+    return Contender("moe-vae", step, _forever(batches), loader.steps_in_epoch(1)), device
 
 
-def bench_naive(cfg: Config, steps: int, warmup: int, device: torch.device) -> BenchRow:
+def naive(cfg: Config, device: torch.device) -> Contender:
     from moe_vae.data.mnist import EMBEDDED_DIR, load_split
 
     split = load_split(EMBEDDED_DIR, "train")
-    if cfg.data.train_limit:
-        split.images = split.images[: cfg.data.train_limit]
-    x = torch.from_numpy(split.images).flatten(1).float() / 255.0
+    images = split.images[: cfg.data.train_limit] if cfg.data.train_limit else split.images
+    x = torch.from_numpy(images).flatten(1).float() / 255.0
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x),
         batch_size=cfg.train.batch_size,
@@ -133,15 +122,47 @@ def bench_naive(cfg: Config, steps: int, warmup: int, device: torch.device) -> B
         optim.step()
         return loss.detach()
 
-    sec, last = _time(step, _forever(batches), steps, warmup, device)
-    epochs = cfg.train.epochs
-    return BenchRow("naive loop", sec, cfg.train.batch_size, len(loader), epochs, last, device)
+    return Contender("naive loop", step, _forever(batches), len(loader))
 
 
-def format_table(rows: list[BenchRow], device: str) -> str:
+def measure(
+    contenders: list[Contender], steps: int, warmup: int, repeats: int, device: torch.device
+) -> None:
+    for c in contenders:
+        for _ in range(warmup):
+            c.last_loss = float(c.step(next(c.batches)))
+    for _ in range(repeats):
+        for c in contenders:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = c.step(next(c.batches))
+            _sync(device)
+            c.rounds.append((time.perf_counter() - t0) / steps)
+            c.last_loss = float(loss)
+
+
+def run_bench(
+    cfg: Config, steps: int, warmup: int, repeats: int, baseline: bool
+) -> tuple[list[BenchRow], torch.device]:
+    with ExitStack() as stack:
+        mine, device = ours(cfg, stack)
+        contenders = [mine, naive(cfg, device)] if baseline else [mine]
+        measure(contenders, steps, warmup, repeats, device)
+    B, epochs = cfg.train.batch_size, cfg.train.epochs
+    rows = [
+        BenchRow(
+            c.name, statistics.median(c.rounds), B, c.steps_per_epoch, epochs, c.last_loss, device
+        )
+        for c in contenders
+    ]
+    return rows, device
+
+
+def format_table(rows: list[BenchRow], device: str, repeats: int) -> str:
     base = next((r for r in rows if r.name == "naive loop"), None)
     lines = [
-        f"device: {device}",
+        f"device: {device}; median of {repeats} alternating rounds",
         f"{'':<11} {'steps/s':>9} {'samples/s':>11} {'recipe':>10} {'vs naive':>9} {'loss':>9}",
     ]
     for r in rows:

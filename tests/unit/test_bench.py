@@ -53,7 +53,7 @@ def test_naive_baseline_computes_the_same_loss(extra):
 
 def test_bench_command_prints_both_rows_and_the_ratio(tmp_path):
     moe_vae = Path(sys.prefix) / "bin" / "moe-vae"
-    args = ["bench", "--config", "configs/tiny.yaml", "--steps=3", "--warmup=1"]
+    args = ["bench", "--config", "configs/tiny.yaml", "--steps=3", "--warmup=1", "--repeats=2"]
     proc = subprocess.run(
         [str(moe_vae), *args], cwd=REPO, capture_output=True, text=True, timeout=300
     )
