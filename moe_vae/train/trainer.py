@@ -268,6 +268,7 @@ class Trainer:
         """The rest of epoch `epoch` (all of it, unless resumed mid-epoch); its record."""
         cfg, B, loader = self.cfg, self.cfg.train.batch_size, self.data.train
         t0, steps_before = time.perf_counter(), self.epoch_steps
+        workers_peak = 0.0
         bar = tqdm(
             total=loader.steps_in_epoch(epoch),
             initial=self.batches_done,
@@ -323,6 +324,10 @@ class Trainer:
                 ]
             )
             self.epoch_sums += values.detach()
+            if self.step % cfg.train.log_every == 0 or self.epoch_steps == steps_before + 1:
+                # Loader workers exist only while the epoch streams: sample them now.
+                memory = resident_memory_mb()
+                workers_peak = max(workers_peak, memory["memory/children_rss_mb"])
             if self.step % cfg.train.log_every == 0:
                 # One host sync per logged step, not per step; the average over ranks.
                 vals = self.par.mean_over_ranks(values).tolist()
@@ -376,7 +381,8 @@ class Trainer:
             "data/bad_samples": sum(bad.values()),
             **{f"data/bad/{k}": v for k, v in sorted(bad.items())},
         }
-        record.update(resident_memory_mb())
+        record["memory/rss_mb"] = resident_memory_mb()["memory/rss_mb"]
+        record["memory/children_rss_mb"] = workers_peak  # the most seen (first and logged steps)
         if self.device.type == "cuda":
             record["gpu/max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         record["experts/max_share"] = max(share)
@@ -615,8 +621,8 @@ def train(cfg: Config, run_name: str = "run", quiet: bool = False) -> RunResult:
 
 
 def resident_memory_mb() -> dict[str, float]:
-    """RSS of this process and, apart, of its children (DataLoader workers), in MB: what a
-    slow leak across epochs shows in."""
+    """RSS of this process and, apart, of its children (DataLoader workers, W&B's service
+    process), in MB: what a slow leak across epochs shows in."""
     import psutil
 
     me = psutil.Process()
@@ -628,7 +634,7 @@ def resident_memory_mb() -> dict[str, float]:
             continue
     return {
         "memory/rss_mb": me.memory_info().rss / 2**20,
-        "memory/workers_rss_mb": children / 2**20,
+        "memory/children_rss_mb": children / 2**20,
     }
 
 

@@ -73,6 +73,10 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, repo, load
         [r[k] for k in keys] for r in resumed.epochs
     ]
     assert full.final_eval == resumed.final_eval
+    for r in full.epochs:  # resident memory in every epoch record
+        assert r["memory/rss_mb"] > 50
+        if loader == "stream":  # its DataLoader workers (children: also W&B's service)
+            assert r["memory/children_rss_mb"] > 50
 
 
 def test_periodic_checkpoints_and_bad_resume(tmp_path, monkeypatch, repo):
