@@ -265,6 +265,7 @@ def _data_write(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from moe_vae.config.load import config_to_yaml, load_config
+    from moe_vae.parallel.dist import exit_process
     from moe_vae.train.trainer import train
 
     cfg = load_config(args.config, overrides)
@@ -274,8 +275,14 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     result = train(
         cfg, run_name=args.config.stem if args.config else "mnist_seed", quiet=args.quiet
     )
-    if not result.is_main:
-        return 0
+    if result.is_main:
+        _report(cfg, result)
+    if result.world_size > 1:
+        exit_process(0)
+    return 0
+
+
+def _report(cfg: Any, result: Any) -> None:
     ev = result.final_eval
     if "accuracy" in ev:
         print(
@@ -289,7 +296,6 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         f"results in {result.run_dir}/ (config.yaml, metrics.jsonl, eval.json, expert_grid.png, "
         f"loss_curves.png, model.safetensors)"
     )
-    return 0
 
 
 def _bench(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -80,6 +80,7 @@ class RunResult:
     final_eval: dict[str, Any]
     epochs: list[dict[str, Any]]
     is_main: bool = True  # rank 0 (the rank that wrote the outputs)
+    world_size: int = 1
 
 
 def seed_everything(seed: int) -> None:
@@ -548,7 +549,9 @@ class Trainer:
         final_eval.update(epochs_run=len(self.epochs), steps=self.step)
         self.save_checkpoint()
         self.finish(final_eval)
-        return RunResult(self.run_dir, final_eval, self.epochs, self.par.is_main)
+        return RunResult(
+            self.run_dir, final_eval, self.epochs, self.par.is_main, self.par.info.world_size
+        )
 
     @torch.no_grad()
     def reconstructions(self, n: int = 8) -> np.ndarray | None:

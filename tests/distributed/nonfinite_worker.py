@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from moe_vae.config import load_config
+from moe_vae.parallel.dist import exit_process
 from moe_vae.train.trainer import Trainer
 
 NAN_LOSS_STEP, NAN_GRAD_STEP = 3, 5
@@ -90,7 +91,7 @@ def main() -> int:
         with open(f"{args.outdir}/report.json", "w") as f:
             json.dump(report, f)
     trainer.par.shutdown()
-    return 0 if ok else 1
+    exit_process(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 from moe_vae.config import load_config
 from moe_vae.model.losses import objective
 from moe_vae.model.mixture import MixtureOfVAEs
+from moe_vae.parallel.dist import exit_process
 from moe_vae.parallel.engine import build_engine
 from moe_vae.parallel.setup import parallelize, setup_parallel
 from moe_vae.parallel.sharding import load_full_state_dict
@@ -139,7 +140,7 @@ def main() -> int:
             json.dump(report, f)
     print(f"rank {rank}: {report}", flush=True)
     par.shutdown()
-    return 0 if ok else 1
+    exit_process(0 if ok else 1)
 
 
 if __name__ == "__main__":

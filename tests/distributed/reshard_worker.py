@@ -17,6 +17,7 @@ import yaml
 from moe_vae.config import Config
 from moe_vae.model.losses import objective
 from moe_vae.model.mixture import MixtureOfVAEs
+from moe_vae.parallel.dist import exit_process
 from moe_vae.parallel.setup import parallelize, setup_parallel
 from moe_vae.parallel.sharding import load_full_state_dict
 from moe_vae.train.checkpoint import load_checkpoint
@@ -55,7 +56,7 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump({"loss": loss, "world": world, "ep": par.ep.size}, f)
     par.shutdown()
-    return 0
+    exit_process(0)
 
 
 if __name__ == "__main__":
