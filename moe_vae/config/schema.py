@@ -60,6 +60,9 @@ class LossConfig(Section):
     label_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     labelled_keys: str | None = None
     label_weight: Annotated[float, Field(ge=0)] = 1.0
+    # Also replay this many labelled samples per step (drawn from all of them, manager only;
+    # in-memory data): what makes a few labels count.
+    labelled_batch: Annotated[int, Field(ge=0)] = 0
 
 
 class OptimConfig(Section):

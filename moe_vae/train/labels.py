@@ -1,5 +1,9 @@
 """Semi-supervised training: which samples' labels the trainer may use, and their loss term.
 
+With `loss.labelled_batch` > 0 (in-memory data), every step also replays that many labelled
+samples drawn from all of them, through the manager only: with few labels (100 of 60,000 is 0.17
+per batch of 100) the labels otherwise barely reach the manager.
+
 A sample is labelled when its key is in `loss.labelled_keys` (a text file, one key per line) or,
 with `loss.label_fraction`, when a hash of its key falls below the fraction: the same samples on
 every rank, worker, epoch and resume, with no list to ship. Label c asks the manager for expert
@@ -11,6 +15,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,13 +52,38 @@ class LabelPolicy:
         """The label of each labelled sample with a known label, -1 elsewhere: [B]."""
         use = torch.tensor([self.is_labelled(k) for k in keys], device=labels_B.device)
         targets_B = torch.where(use & (labels_B >= 0), labels_B, torch.full_like(labels_B, -1))
-        if bool((targets_B >= self.num_experts).any()):
+        self._check(targets_B)
+        return targets_B
+
+    def _check(self, labels: torch.Tensor) -> None:
+        if len(labels) and bool((labels >= self.num_experts).any()):
             raise MoeVaeError(
-                f"label {int(targets_B.max())} has no expert: semi-supervised training maps "
+                f"label {int(labels.max())} has no expert: semi-supervised training maps "
                 f"label c to expert c, so model.num_experts must exceed every label "
                 f"(it is {self.num_experts})"
             )
-        return targets_B
+
+    def pool(
+        self, keys: list[str] | np.ndarray, images: torch.Tensor, labels: torch.Tensor
+    ) -> None:
+        """Keep every labelled sample of an in-memory training set, for `labelled_batch`."""
+        use = torch.tensor([self.is_labelled(str(k)) for k in keys], device=labels.device)
+        use &= labels >= 0
+        self.pool_images, self.pool_labels = images[use], labels[use]
+        if len(self.pool_labels) == 0:
+            raise MoeVaeError(
+                "loss.labelled_batch > 0 but no training sample is labelled (check "
+                "loss.label_fraction / loss.labelled_keys against the data's keys)"
+            )
+        self._check(self.pool_labels)
+
+    def replay(self, size: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`size` labelled samples drawn with replacement for this step (seeded by the step, so
+        a resumed run draws the same ones): (uint8 images, labels)."""
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(len(self.pool_labels), (size,), generator=gen)
+        idx = idx.to(self.pool_labels.device)
+        return self.pool_images[idx], self.pool_labels[idx]
 
     def loss(self, logits_BE: torch.Tensor, targets_B: torch.Tensor) -> torch.Tensor:
         """label_weight x cross-entropy of the manager on the labelled samples, summed and

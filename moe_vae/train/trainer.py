@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from moe_vae.config.load import config_to_yaml
 from moe_vae.config.schema import Config
 from moe_vae.data.build import build_data, ensure_mnist_shards
-from moe_vae.data.loaders import loader_state
+from moe_vae.data.loaders import InMemoryLoader, loader_state
 from moe_vae.errors import MoeVaeError
 from moe_vae.evaluate.evaluator import evaluate, to_inputs
 from moe_vae.evaluate.plots import (
@@ -132,6 +133,14 @@ class Trainer:
         )
         self.image_shape = self.data.image_shape
         self.labels = LabelPolicy(cfg.loss, cfg.model.num_experts)
+        if cfg.loss.labelled_batch:
+            train = self.data.train
+            if not isinstance(train, InMemoryLoader) or not self.labels.active:
+                raise MoeVaeError(
+                    "loss.labelled_batch needs in-memory training data (data.loader: memory or "
+                    "auto) and labels (loss.label_fraction or loss.labelled_keys)"
+                )
+            self.labels.pool(train.keys, train.images, train.labels)
 
         self.model = MixtureOfVAEs(cfg.model, self.image_shape, expert_ids=self.par.expert_ids)
         parallelize(self.model, self.par, cfg.train.seed)
@@ -426,6 +435,10 @@ class Trainer:
         terms.dropped = routed.dropped
         if targets_B is not None:
             terms.total = terms.total + self.labels.loss(routed.logits_BE, targets_B)
+        if cfg.loss.labelled_batch:  # replayed labelled samples: through the manager only
+            images, labels = self.labels.replay(cfg.loss.labelled_batch, cfg.train.seed, self.step)
+            logits = self.model.manager(to_inputs(images.to(self.device)))
+            terms.total = terms.total + self.labels.weight * F.cross_entropy(logits, labels)
         if self.engine is not None and self.engine.zero_optimization_stage() > 0:
             finite, stop = self._zero_backward_step(terms.total)
             return (self._usage(routed, terms) if finite else terms), finite, stop

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from moe_vae.config import load_config
+from moe_vae.errors import MoeVaeError
 from moe_vae.train import train
 
 
@@ -102,3 +104,24 @@ def test_semi_supervised_with_every_label_learns_the_labels(tmp_path, monkeypatc
     table = torch.tensor(res.final_eval["confusion"], dtype=torch.float)  # experts x classes
     assert table.shape == (10, 10)
     assert (table.diagonal().sum() / table.sum()).item() > 0.6
+
+
+def test_labelled_replay_trains_and_needs_in_memory_data(tmp_path, monkeypatch, repo):
+    monkeypatch.chdir(repo)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("".join(f"train-{i:08d}\n" for i in range(20)))
+    semi = ["--model.num_experts=10", f"--loss.labelled_keys={keys}", "--loss.labelled_batch=8"]
+    res = train(_tiny(tmp_path, "replay", *semi, "--train.max_steps=4"), quiet=True)
+    assert res.final_eval["steps"] == 4
+    with pytest.raises(MoeVaeError, match="needs in-memory training data"):
+        train(
+            _tiny(
+                tmp_path,
+                "s",
+                *semi,
+                "--data.loader=stream",
+                "--data.train_limit=null",
+                "--train.max_steps=1",
+            ),
+            quiet=True,
+        )
