@@ -63,16 +63,16 @@ def main() -> None:
         f"{args.experts} experts, {args.workers} workers, {args.steps} steps x {args.batch} "
         f"per epoch, {len(epochs)} epochs in {wall:.0f} s"
     )
-    print(f"{'epoch':>5} {'trainer RSS MB':>15} {'children RSS MB':>15} {'samples/s':>10}")
+    print(f"{'epoch':>5} {'trainer RSS MB':>15} {'children USS MB':>15} {'samples/s':>10}")
     for r in epochs:
         print(
-            f"{r['epoch']:>5} {r['memory/rss_mb']:>15.1f} {r['memory/children_rss_mb']:>15.1f} "
+            f"{r['epoch']:>5} {r['memory/rss_mb']:>15.1f} {r['memory/children_uss_mb']:>15.1f} "
             f"{r['samples_per_second']:>10.0f}"
         )
     if len(epochs) >= 3:
         first, last = epochs[1], epochs[-1]
         n = last["epoch"] - first["epoch"]
-        for key, label in (("memory/rss_mb", "trainer"), ("memory/children_rss_mb", "children")):
+        for key, label in (("memory/rss_mb", "trainer"), ("memory/children_uss_mb", "children")):
             slope = (last[key] - first[key]) / n
             print(
                 f"{label}: {first[key]:.1f} MB after epoch {first['epoch']} -> {last[key]:.1f} MB "

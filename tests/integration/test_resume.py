@@ -76,7 +76,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, repo, load
     for r in full.epochs:  # resident memory in every epoch record
         assert r["memory/rss_mb"] > 50
         if loader == "stream":  # its DataLoader workers (children: also W&B's service)
-            assert r["memory/children_rss_mb"] > 50
+            assert r["memory/children_uss_mb"] > 5
 
 
 def test_periodic_checkpoints_and_bad_resume(tmp_path, monkeypatch, repo):
