@@ -301,18 +301,16 @@ def _report(cfg: Any, result: Any) -> None:
 def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
+    from moe_vae.bench.naive import unsupported
     from moe_vae.bench.run import format_table, run_bench
     from moe_vae.config.load import load_config
 
     cfg = load_config(args.config, overrides)
     if args.warmup < 0:
         raise MoeVaeError(f"--warmup {args.warmup}: expected 0 or more steps")
-    if not args.no_baseline and (cfg.model.expert != "mlp" or cfg.model.routing != "dense"):
-        raise MoeVaeError(
-            "the naive baseline implements dense routing over MLP experts only "
-            f"(model.expert={cfg.model.expert}, model.routing={cfg.model.routing}): "
-            "pass --no-baseline"
-        )
+    reason = None if args.no_baseline else unsupported(cfg)
+    if reason:
+        raise MoeVaeError(f"{reason}: pass --no-baseline")
     rows, device = run_bench(cfg, args.steps, args.warmup, args.repeats, not args.no_baseline)
     print(format_table(rows, f"{device} ({torch.get_num_threads()} threads)", args.repeats))
     return 0

@@ -63,12 +63,24 @@ class NaiveVAE(nn.Module):
         return nll + kl
 
 
+def unsupported(cfg: Config) -> str | None:
+    """Why the naive port cannot run this config (None: it can)."""
+    m = cfg.model
+    if m.expert == "mlp" and m.routing == "dense":
+        return None
+    return (
+        "the naive baseline implements dense routing over MLP experts only "
+        f"(model.expert={m.expert}, model.routing={m.routing})"
+    )
+
+
 class NaiveMixture(nn.Module):
     def __init__(self, cfg: Config, input_dim: int) -> None:
         super().__init__()
         m = cfg.model
-        if m.expert != "mlp" or m.routing != "dense":
-            raise ValueError("the naive baseline implements dense routing over MLP experts only")
+        reason = unsupported(cfg)
+        if reason:
+            raise ValueError(reason)
         self.cfg = cfg
         self.vaes = [NaiveVAE(cfg, input_dim) for _ in range(m.num_experts)]
         for i, vae in enumerate(self.vaes):  # registered one by one, as a naive port would

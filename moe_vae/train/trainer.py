@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -278,7 +277,7 @@ class Trainer:
         """The rest of epoch `epoch` (all of it, unless resumed mid-epoch); its record."""
         cfg, B, loader = self.cfg, self.cfg.train.batch_size, self.data.train
         t0, steps_before = time.perf_counter(), self.epoch_steps
-        workers_peak = 0.0
+        children_peak = 0.0
         bar = tqdm(
             total=loader.steps_in_epoch(epoch),
             initial=self.batches_done,
@@ -337,7 +336,7 @@ class Trainer:
             if self.step % cfg.train.log_every == 0 or self.epoch_steps == steps_before + 1:
                 # Loader workers exist only while the epoch streams: sample them now.
                 memory = resident_memory_mb()
-                workers_peak = max(workers_peak, memory["memory/children_uss_mb"])
+                children_peak = max(children_peak, memory["memory/children_uss_mb"])
             if self.step % cfg.train.log_every == 0:
                 # One host sync per logged step, not per step; the average over ranks.
                 vals = self.par.mean_over_ranks(values).tolist()
@@ -392,7 +391,7 @@ class Trainer:
             **{f"data/bad/{k}": v for k, v in sorted(bad.items())},
         }
         record["memory/rss_mb"] = resident_memory_mb()["memory/rss_mb"]
-        record["memory/children_uss_mb"] = workers_peak  # the most seen (first and logged steps)
+        record["memory/children_uss_mb"] = children_peak  # the most seen (first and logged steps)
         if self.device.type == "cuda":
             record["gpu/max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         record["experts/max_share"] = max(share)
@@ -438,7 +437,7 @@ class Trainer:
         if cfg.loss.labelled_batch:  # replayed labelled samples: through the manager only
             images, labels = self.labels.replay(cfg.loss.labelled_batch, cfg.train.seed, self.step)
             logits = self.model.manager(to_inputs(images.to(self.device)))
-            terms.total = terms.total + self.labels.weight * F.cross_entropy(logits, labels)
+            terms.total = terms.total + self.labels.loss(logits, labels)
         if self.engine is not None and self.engine.zero_optimization_stage() > 0:
             finite, stop = self._zero_backward_step(terms.total)
             return (self._usage(routed, terms) if finite else terms), finite, stop
