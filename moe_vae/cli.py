@@ -184,7 +184,9 @@ def _use(args: argparse.Namespace) -> int:
     probs, nll = c.per_input(model, cfg, images, args.seed)
     columns: dict[str, Any] = {"key": keys, "label": labels.tolist()}
     if args.command == "assign":
-        columns["cluster"] = probs.argmax(-1).tolist()
+        # The top-level expert (under a hierarchy: the one whose leaves hold the most mass).
+        by_cluster = probs.reshape(len(probs), model.num_clusters, -1).sum(-1)
+        columns["cluster"] = by_cluster.argmax(-1).tolist()
         columns.update({f"p_{e}": probs[:, e].tolist() for e in range(probs.shape[1])})
     else:
         columns["nll"] = nll.tolist()
@@ -287,7 +289,7 @@ def _report(cfg: Any, result: Any) -> None:
     if "accuracy" in ev:
         print(
             f"test clustering accuracy {ev['accuracy']:.4f}  NMI {ev['nmi']:.4f}  "
-            f"ARI {ev['ari']:.4f}  experts in use {ev['experts_in_use']}/{cfg.model.num_experts}  "
+            f"ARI {ev['ari']:.4f}  experts in use {ev['experts_in_use']}/{cfg.model.num_clusters}  "
             f"neg ELBO {ev['neg_elbo']:.2f}"
         )
     elif "neg_elbo" in ev:

@@ -7,6 +7,7 @@ typo or a wrong type is an error that names the key.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -38,9 +39,41 @@ class ModelConfig(Section):
     # Top-k only: each expert takes at most capacity_factor * (inputs * top_k / experts) inputs
     # per batch and rank; the rest are dropped (counted). 0 = dropless (capacity = busiest expert).
     capacity_factor: Annotated[float, Field(ge=0)] = 1.25
+    # A hierarchical mixture, e.g. [10, 3]: 10 top-level experts, each itself a mixture of 3
+    # VAEs with its own manager (the leaves, 30 VAEs, are the bank's experts: num_experts is
+    # the product). The top level is the clustering; balancing applies per level.
+    hierarchy: list[PositiveInt] | None = None
+
+    @property
+    def num_clusters(self) -> int:
+        """Top-level experts: what the manager classifies into."""
+        return self.hierarchy[0] if self.hierarchy else self.num_experts
+
+    @model_validator(mode="before")
+    @classmethod
+    def _leaves_from_hierarchy(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("hierarchy") and "num_experts" not in data:
+            levels = data["hierarchy"]
+            if isinstance(levels, list) and all(isinstance(n, int) for n in levels):
+                data = {**data, "num_experts": math.prod(levels)}
+        return data
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> ModelConfig:
+        if self.hierarchy is not None:
+            if len(self.hierarchy) < 2:
+                raise ValueError(
+                    f"model.hierarchy={self.hierarchy} needs at least two levels (e.g. [10, 3]); "
+                    f"a flat mixture is model.num_experts"
+                )
+            if math.prod(self.hierarchy) != self.num_experts:
+                raise ValueError(
+                    f"model.num_experts={self.num_experts} must be the number of leaves of "
+                    f"model.hierarchy={self.hierarchy} ({math.prod(self.hierarchy)}); leave it "
+                    f"out and it follows the hierarchy"
+                )
+            if self.routing != "dense":
+                raise ValueError("model.hierarchy needs model.routing: dense")
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"model.top_k={self.top_k} is more than model.num_experts={self.num_experts}"
@@ -63,6 +96,22 @@ class LossConfig(Section):
     # Also replay this many labelled samples per step (drawn from all of them, manager only;
     # in-memory data): what makes a few labels count.
     labelled_batch: Annotated[int, Field(ge=0)] = 0
+
+
+class WarmStartConfig(Section):
+    # none: experts and manager start from random weights (the seed). cluster: before the first
+    # step the training images are embedded with UMAP and clustered by a Gaussian mixture into
+    # one cluster per top-level expert (the best of `restarts` fits by likelihood); the manager
+    # is then pulled toward those clusters by `weight` x its cross-entropy (cluster k -> expert
+    # k), held for `hold_epochs`, then lowered linearly to 0 over `decay_epochs`. Needs
+    # in-memory training data; the clusters are cached and saved in the checkpoint.
+    method: Literal["none", "cluster"] = "none"
+    neighbors: Annotated[int, Field(ge=2)] = 10  # UMAP's n_neighbors
+    dims: PositiveInt = 10  # UMAP's n_components
+    restarts: PositiveInt = 8  # Gaussian-mixture fits (k-means++ starts); the likeliest wins
+    weight: Annotated[float, Field(ge=0)] = 1.0
+    hold_epochs: Annotated[int, Field(ge=0)] = 1000
+    decay_epochs: Annotated[int, Field(ge=0)] = 0
 
 
 class OptimConfig(Section):
@@ -222,6 +271,11 @@ class TrackConfig(Section):
 class Config(Section):
     @model_validator(mode="after")
     def _auto_resume_needs_a_name(self) -> Config:
+        if self.train.revive_dead_experts and self.model.hierarchy:
+            raise ValueError(
+                "train.revive_dead_experts is not supported with model.hierarchy (revival "
+                "splits a flat manager's logit)"
+            )
         if self.train.resume == "auto" and not self.output.name:
             raise ValueError(
                 "train.resume=auto needs output.name: the run directory to resume from"
@@ -230,6 +284,7 @@ class Config(Section):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig = Field(default_factory=DataConfig)

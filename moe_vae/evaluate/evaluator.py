@@ -1,6 +1,6 @@
 """One pass over an evaluation split: clustering metrics, losses and the expert x class table.
 
-Legend: N inputs, B batch, C/H/W image, D flattened input, E experts.
+Legend: N inputs, B batch, C/H/W image, D flattened input, E experts (top-level: clusters).
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ def evaluate(
         )
         mixture += mixture_nll(routed.logits_BE, routed.loss_BE, routed.mask_BE).item() * len(x_BD)
         n += len(x_BD)
-        clusters.append(probs_BE.argmax(-1).cpu())
+        clusters.append(model.cluster_logits(routed.logits_BE).argmax(-1).cpu())
         labels.append(labels_B.cpu())
     model.train(was_training)
     assigned = torch.cat(clusters).numpy()
     truth = torch.cat(labels).numpy()
-    E = model.num_experts
+    E = model.num_clusters
     result: dict[str, Any]
     if len(truth) and (truth >= 0).all():
         result = clustering_metrics(truth, assigned, E, eval_cfg.in_use_min_fraction)

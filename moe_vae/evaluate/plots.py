@@ -133,3 +133,25 @@ def save_reconstructions(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_hierarchy_grid(
+    images_TLND: np.ndarray, image_shape: tuple[int, int, int], path: str | Path
+) -> None:
+    """A hierarchical mixture's samples: a row per top-level expert, a block of N columns per
+    leaf under it (images_TLND: [top-level experts, leaves each, samples, D] in [0, 1])."""
+    plt = _pyplot()
+    C, H, W = image_shape
+    T, L, N = images_TLND.shape[:3]
+    grey = images_TLND.reshape(T, L * N, C, H, W).mean(axis=2)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * L * N + 1.0), max(2.0, 0.45 * T + 0.8)))
+    ax.imshow(tile(grey), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    for leaf in range(1, L):  # a line between the leaves' blocks
+        ax.axvline(leaf * N * W - 0.5, color="red", linewidth=1)
+    ax.set_xticks(np.arange(L) * N * W + N * W / 2, [f"sub-expert {leaf}" for leaf in range(L)])
+    ax.set_yticks(np.arange(T) * H + H / 2, [str(t) for t in range(T)])
+    ax.set_ylabel("top-level expert")
+    ax.set_title(f"{N} samples (z ~ N(0, I)) from every leaf")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

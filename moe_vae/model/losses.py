@@ -73,17 +73,26 @@ def mixture_nll(
 
 
 def variance_balancing(
-    probs_BE: torch.Tensor, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
+    probs_BE: torch.Tensor,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    levels: list[int] | None = None,
 ) -> torch.Tensor:
     """Population variance across experts of importance_i = Σ_batch p_i(x).
 
     With data parallelism the batch is split over ranks: `sum_over_ranks` (a differentiable
     all-reduce) makes the importance that of the global batch, as on one device.
+    A hierarchy balances per level: the variance among siblings (children of one node) of
+    their importance, averaged over the nodes, summed over the levels; one level is the above.
     """
-    importance_E = probs_BE.sum(0)
+    importance_P = probs_BE.sum(0)
     if sum_over_ranks is not None:
-        importance_E = sum_over_ranks(importance_E)
-    return importance_E.var(unbiased=False)
+        importance_P = sum_over_ranks(importance_P)
+    total = importance_P.new_zeros(())
+    for n in reversed(levels or [len(importance_P)]):
+        siblings_PN = importance_P.reshape(-1, n)
+        total = total + siblings_PN.var(dim=1, unbiased=False).mean()
+        importance_P = siblings_PN.sum(1)  # the parents' importance
+    return total
 
 
 @dataclass
@@ -107,6 +116,6 @@ def objective(
     probs_BE = logits_BE.softmax(-1)
     expected = expected_expert_loss(probs_BE, loss_BE, mask_BE)
     mixture = mixture_nll(logits_BE, loss_BE, mask_BE)
-    balancing = variance_balancing(probs_BE, sum_over_ranks)
+    balancing = variance_balancing(probs_BE, sum_over_ranks, routed.levels)
     main = expected if cfg.objective == "expected" else mixture
     return LossTerms(main + cfg.balancing_weight * balancing, expected, mixture, balancing, loss_BE)

@@ -19,7 +19,7 @@ from moe_vae.config.schema import LossConfig, ModelConfig
 from moe_vae.model.dispatch import Dispatcher, LocalDispatcher
 from moe_vae.model.experts import build_expert_bank
 from moe_vae.model.losses import elbo_losses
-from moe_vae.model.manager import Manager
+from moe_vae.model.manager import HierarchicalManager, Manager, cluster_log_probs
 
 # eps for (expert ids [E_l], global sample ids [N], z_dim) -> [E_l, N, Z]; None = torch.randn.
 NoiseFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -33,6 +33,7 @@ class Routed:
     loss_BE: torch.Tensor  # L_i(x) where routed (0 elsewhere)
     mask_BE: torch.Tensor | None = None  # top-k: which (input, expert) pairs were computed
     dropped: torch.Tensor | None = None  # top-k: pairs over capacity (a 0-d count)
+    levels: list[int] | None = None  # a hierarchical mixture's level sizes (per-level balancing)
 
 
 @dataclass
@@ -59,7 +60,12 @@ class MixtureOfVAEs(nn.Module):
         self.input_dim = math.prod(image_shape)
         self.num_experts = cfg.num_experts
         self.expert_ids = expert_ids if expert_ids is not None else range(cfg.num_experts)
-        self.manager = Manager(self.input_dim, cfg.manager_layers, cfg.num_experts, cfg.activation)
+        self.num_clusters = cfg.num_clusters
+        self.manager: nn.Module = (
+            HierarchicalManager(self.input_dim, cfg.manager_layers, cfg.hierarchy, cfg.activation)
+            if cfg.hierarchy
+            else Manager(self.input_dim, cfg.manager_layers, cfg.num_experts, cfg.activation)
+        )
         self.experts = build_expert_bank(cfg, image_shape, len(self.expert_ids))
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
         self.noise: NoiseFn | None = None
@@ -86,7 +92,8 @@ class MixtureOfVAEs(nn.Module):
 
         logits_BE = self.manager(x_BD)
         if self.cfg.routing == "dense":
-            return Routed(logits_BE, self.dispatcher.expert_losses(x_BD, local_losses))
+            loss_BE = self.dispatcher.expert_losses(x_BD, local_losses)
+            return Routed(logits_BE, loss_BE, levels=self.cfg.hierarchy)
         idx_BK = logits_BE.detach().topk(self.cfg.top_k, dim=-1).indices
         loss_BK, kept_BK = self.dispatcher.expert_losses_topk(
             x_BD, idx_BK, local_losses, self.num_experts, self.cfg.capacity_factor
@@ -95,10 +102,14 @@ class MixtureOfVAEs(nn.Module):
         mask_BE = torch.zeros_like(logits_BE, dtype=torch.bool).scatter(1, idx_BK, kept_BK)
         return Routed(logits_BE, loss_BE, mask_BE, (~kept_BK).sum())
 
+    def cluster_logits(self, logits_BE: torch.Tensor) -> torch.Tensor:
+        """The manager's logits over the top-level experts (the clusters): [B, num_clusters]."""
+        return cluster_log_probs(logits_BE, self.cfg.hierarchy)
+
     @torch.no_grad()
     def assign(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """Cluster id of each input: the manager's argmax, [B]."""
-        return self.manager(x_BD).argmax(-1)
+        """Cluster id of each input: the manager's argmax over the top-level experts, [B]."""
+        return self.cluster_logits(self.manager(x_BD)).argmax(-1)
 
     def _local_index(self, expert: int) -> int:
         if not 0 <= expert < self.num_experts:

@@ -86,7 +86,14 @@ class LabelPolicy:
         return self.pool_images[idx], self.pool_labels[idx]
 
     def loss(self, logits_BE: torch.Tensor, targets_B: torch.Tensor) -> torch.Tensor:
-        """label_weight x cross-entropy of the manager on the labelled samples, summed and
-        divided by the batch size (so it scales like the per-sample VAE losses)."""
-        ce = F.cross_entropy(logits_BE, targets_B, ignore_index=-1, reduction="sum")
-        return self.weight * ce / len(targets_B)
+        return manager_cross_entropy(logits_BE, targets_B, self.weight)
+
+
+def manager_cross_entropy(
+    logits_BC: torch.Tensor, targets_B: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """weight x the manager's cross-entropy on the samples with a target (-1: none), summed and
+    divided by the batch size (so it scales like the per-sample VAE losses). Used by labels and
+    by the warm start's pseudo-labels."""
+    ce = F.cross_entropy(logits_BC, targets_B, ignore_index=-1, reduction="sum")
+    return weight * ce / len(targets_B)

@@ -36,6 +36,7 @@ from moe_vae.evaluate.plots import (
     save_confusion,
     save_expert_grid,
     save_expert_usage,
+    save_hierarchy_grid,
     save_loss_curves,
     save_reconstructions,
 )
@@ -60,9 +61,10 @@ from moe_vae.train.checkpoint import (
     save_rotating,
     set_rng_state,
 )
-from moe_vae.train.labels import LabelPolicy
+from moe_vae.train.labels import LabelPolicy, manager_cross_entropy
 from moe_vae.train.revival import collapse_message, pick_pairs, revive
 from moe_vae.train.run_dir import check_output_dir, prepare_run_dir
+from moe_vae.train.warm_start import ClusterAnchor, cached_clusters
 
 STEP_KEYS = (
     "loss/total",
@@ -131,7 +133,7 @@ class Trainer:
             progress=not self.quiet,
         )
         self.image_shape = self.data.image_shape
-        self.labels = LabelPolicy(cfg.loss, cfg.model.num_experts)
+        self.labels = LabelPolicy(cfg.loss, cfg.model.num_clusters)
         if cfg.loss.labelled_batch:
             train = self.data.train
             if not isinstance(train, InMemoryLoader) or not self.labels.active:
@@ -176,6 +178,7 @@ class Trainer:
             resume = auto_resume_path(Path(cfg.output.dir).expanduser() / str(cfg.output.name))
         ckpt = load_checkpoint(resume) if resume is not None else None
         self.tracker_id: str | None = ckpt.get("tracker_run_id") if ckpt else None
+        self.anchor = self._warm_start(ckpt)
         if ckpt is not None and resume is not None:
             # Before touching the run directory: a bad checkpoint writes nothing.
             self._restore(ckpt)
@@ -193,6 +196,32 @@ class Trainer:
                 logged["deepspeed"] = self.engine.config
             self.tracker = build_tracker(cfg, self.run_dir, logged, self.tracker_id)
             self.tracker_id = self.tracker.run_id
+
+    def _warm_start(self, ckpt: dict[str, Any] | None) -> ClusterAnchor | None:
+        """The pseudo-label anchor (warm_start.method=cluster): clusters from the checkpoint on
+        resume, else computed once on rank 0 (cached) and sent to every rank."""
+        cfg = self.cfg
+        if cfg.warm_start.method == "none":
+            return None
+        train = self.data.train
+        if not isinstance(train, InMemoryLoader):
+            raise MoeVaeError(
+                "warm_start.method=cluster needs in-memory training data (data.loader: memory or "
+                "auto, with the data under data.memory_limit_mb)"
+            )
+        clusters = None
+        if ckpt is not None and "warm_start_clusters" in ckpt:
+            clusters = ckpt["warm_start_clusters"].numpy()
+        elif self.par.is_main:
+            clusters = cached_clusters(
+                train.images,
+                cfg.model.num_clusters,
+                cfg.warm_start,
+                cfg.train.seed,
+                log=not self.quiet,
+            )
+        clusters = self.par.broadcast(clusters)
+        return ClusterAnchor(cfg.warm_start, train.keys, clusters)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.tracker is not None:
@@ -217,6 +246,8 @@ class Trainer:
             "rng": rng,
             "tracker_run_id": self.tracker_id,
         }
+        if self.anchor is not None:
+            state["warm_start_clusters"] = torch.from_numpy(self.anchor.clusters)
         state["optim"] = full_optimizer_state(self.model, self.optim, self.par)
         if self.par.info.world_size > 1:
             import torch.distributed as dist
@@ -291,7 +322,10 @@ class Trainer:
             targets_B = None
             if self.labels.active:
                 targets_B = self.labels.targets(batch.keys, batch.labels.to(self.device))
-            terms, finite, stop = self.train_step(x_BD, targets_B)
+            anchor = None
+            if self.anchor is not None and self.anchor.weight(epoch) > 0:
+                anchor = (self.anchor.targets(batch.keys, self.device), self.anchor.weight(epoch))
+            terms, finite, stop = self.train_step(x_BD, targets_B, anchor)
             self.step += 1
             self.batches_done += 1
             self.epoch_steps += 1
@@ -383,6 +417,7 @@ class Trainer:
             "samples_per_second": (self.epoch_steps - steps_before) * B / seconds,
             "time/step_seconds": seconds / max(new_steps, 1),
             "optim/lr": self.optim.param_groups[0]["lr"],
+            **({"warm_start/weight": self.anchor.weight(epoch)} if self.anchor else {}),
             "experts/in_use": sum(f >= cfg.eval.in_use_min_fraction for f in share),
             "experts/dead": sum(f == 0 for f in share),
             "experts/importance": (importance / importance.sum().clamp_min(1e-12)).tolist(),
@@ -422,22 +457,29 @@ class Trainer:
         return record
 
     def train_step(
-        self, x_BD: torch.Tensor, targets_B: torch.Tensor | None = None
+        self,
+        x_BD: torch.Tensor,
+        targets_B: torch.Tensor | None = None,
+        anchor: tuple[torch.Tensor, float] | None = None,
     ) -> tuple[LossTerms, bool, bool]:
         """Forward (through the dispatcher), backward, and the optimizer step unless the loss or
         a gradient is not finite on any rank. `targets_B`: labels of the labelled samples (-1
-        elsewhere), semi-supervised only. Returns (terms, finite, stop requested)."""
+        elsewhere), semi-supervised only; `anchor`: the warm start's (pseudo-labels, weight).
+        Returns (terms, finite, stop requested)."""
         cfg = self.cfg
         world = self.par.info.world_size
         routed = self.model.losses(x_BD, cfg.loss)
         terms = objective(routed, cfg.loss, self.par.sum_over_ranks if world > 1 else None)
         terms.dropped = routed.dropped
+        clusters_BC = self.model.cluster_logits(routed.logits_BE)  # labels name top-level experts
         if targets_B is not None:
-            terms.total = terms.total + self.labels.loss(routed.logits_BE, targets_B)
+            terms.total = terms.total + self.labels.loss(clusters_BC, targets_B)
+        if anchor is not None:
+            terms.total = terms.total + manager_cross_entropy(clusters_BC, *anchor)
         if cfg.loss.labelled_batch:  # replayed labelled samples: through the manager only
             images, labels = self.labels.replay(cfg.loss.labelled_batch, cfg.train.seed, self.step)
             logits = self.model.manager(to_inputs(images.to(self.device)))
-            terms.total = terms.total + self.labels.loss(logits, labels)
+            terms.total = terms.total + self.labels.loss(self.model.cluster_logits(logits), labels)
         if self.engine is not None and self.engine.zero_optimization_stage() > 0:
             finite, stop = self._zero_backward_step(terms.total)
             return (self._usage(routed, terms) if finite else terms), finite, stop
@@ -548,8 +590,9 @@ class Trainer:
                 final_eval = self.evaluate()
                 record.update({f"eval/{k}": v for k, v in final_eval.items() if k != "confusion"})
                 recon = self.reconstructions()  # a collective under expert parallelism
+                leaves = self.leaf_samples()  # likewise
                 self._log(record)
-                self._figures(record, final_eval, recon)
+                self._figures(record, final_eval, recon, leaves)
             else:
                 self._log(record)
             if not self.quiet:
@@ -583,8 +626,24 @@ class Trainer:
         recon_ND = logits_END[pick, torch.arange(len(pick), device=pick.device)].sigmoid()
         return torch.stack([x_ND, recon_ND]).cpu().numpy()
 
+    @torch.no_grad()
+    def leaf_samples(self, n: int = 4) -> np.ndarray | None:
+        """A hierarchical mixture's samples from every leaf, the same n latents for each:
+        [top-level experts, leaves under each, n, D] (every rank takes part); None when flat."""
+        if not self.cfg.model.hierarchy:
+            return None
+        gen = torch.Generator().manual_seed(self.cfg.train.seed + 3)  # not the training RNG
+        z_NZ = torch.randn(n, self.cfg.model.z_dim, generator=gen).to(self.device)
+        images_END = self.par.gather_experts(self.model.decode_all(z_NZ))
+        shape = (self.cfg.model.num_clusters, -1, n, images_END.shape[-1])
+        return images_END.reshape(shape).cpu().numpy()
+
     def _figures(
-        self, record: dict[str, Any], ev: dict[str, Any], recon: np.ndarray | None
+        self,
+        record: dict[str, Any],
+        ev: dict[str, Any],
+        recon: np.ndarray | None,
+        leaves: np.ndarray | None = None,
     ) -> None:
         """PNG files in the run directory, also sent to the tracker as images (rank 0)."""
         if self.tracker is None:
@@ -598,6 +657,9 @@ class Trainer:
         if recon is not None:
             images["eval/reconstructions"] = self.run_dir / "reconstructions.png"
             save_reconstructions(recon, self.image_shape, images["eval/reconstructions"])
+        if leaves is not None:
+            images["samples/hierarchy"] = self.run_dir / "hierarchy_samples.png"
+            save_hierarchy_grid(leaves, self.image_shape, images["samples/hierarchy"])
         self.tracker.log_images(images, self.step)
 
     def _save_grid(self) -> Path:
