@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_vae.model.manager import Manager
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.parallel.setup import Parallel
 from moe_vae.parallel.sharding import EXPERT_PREFIX, sync_master_weights, zero_optimizer
@@ -67,6 +68,7 @@ def revive(
                 rows[dead - ids.start] = full[donor] + jitter * scale
                 _reset_moments(optim, p, E_l, dead - ids.start)
         del full
+    assert isinstance(model.manager, Manager), "revival needs a flat manager (config-checked)"
     last = model.manager.layers[-1]  # logits: a row per expert
     assert isinstance(last, nn.Linear)
     for dead, donor in pairs:
