@@ -135,6 +135,11 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Global batch: split evenly over data-parallel ranks. bf16/fp16 need a GPU and DeepSpeed.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # torch.compile the step's forward and loss (backward follows through AOTAutograd): none,
+    # or a torch.compile mode; reduce-overhead also captures CUDA graphs on a GPU.
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    # TF32 tensor cores for fp32 matmuls and convolutions on NVIDIA GPUs (no effect on a CPU).
+    tf32: bool = False
     # Stop after this many optimizer steps (smoke tests); null = run every epoch to the end.
     max_steps: PositiveInt | None = None
     # A JSON line with the step's losses every this many steps.

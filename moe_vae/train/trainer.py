@@ -41,7 +41,7 @@ from moe_vae.evaluate.plots import (
     save_reconstructions,
 )
 from moe_vae.model.losses import LossTerms, objective
-from moe_vae.model.mixture import MixtureOfVAEs
+from moe_vae.model.mixture import MixtureOfVAEs, Routed
 from moe_vae.optim import build_adam
 from moe_vae.parallel.engine import build_engine
 from moe_vae.parallel.setup import parallelize, setup_parallel
@@ -146,6 +146,12 @@ class Trainer:
         self.model = MixtureOfVAEs(cfg.model, self.image_shape, expert_ids=self.par.expert_ids)
         parallelize(self.model, self.par, cfg.train.seed)
         self.model.to(self.device)
+        if cfg.train.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.forward_loss = self._forward_loss
+        if cfg.train.compile != "none":
+            self.forward_loss = torch.compile(self._forward_loss, mode=cfg.train.compile)
         self.engine = build_engine(self.model, cfg, world) if self.par.distributed else None
         self.optim = (
             self.engine.optimizer
@@ -467,9 +473,7 @@ class Trainer:
         elsewhere), semi-supervised only; `anchor`: the warm start's (pseudo-labels, weight).
         Returns (terms, finite, stop requested)."""
         cfg = self.cfg
-        world = self.par.info.world_size
-        routed = self.model.losses(x_BD, cfg.loss)
-        terms = objective(routed, cfg.loss, self.par.sum_over_ranks if world > 1 else None)
+        routed, terms = self.forward_loss(x_BD)
         terms.dropped = routed.dropped
         clusters_BC = self.model.cluster_logits(routed.logits_BE)  # labels name top-level experts
         if targets_B is not None:
@@ -508,6 +512,15 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             self.optim.step()
         return self._usage(routed, terms), True, stop
+
+    def _forward_loss(self, x_BD: torch.Tensor) -> tuple[Routed, LossTerms]:
+        """The step's forward through the dispatcher and its loss terms (what train.compile
+        compiles)."""
+        routed = self.model.losses(x_BD, self.cfg.loss)
+        world = self.par.info.world_size
+        return routed, objective(
+            routed, self.cfg.loss, self.par.sum_over_ranks if world > 1 else None
+        )
 
     def _any_rank(self, bad: torch.Tensor) -> tuple[bool, bool]:
         """(bad on any rank, stop asked on any rank): one small tensor, reduced once."""
