@@ -32,7 +32,9 @@ def test_compiled_step_matches_eager(tmp_path, monkeypatch, repo, routing):
         trainer = Trainer(cfg, quiet=True)
         result = trainer.fit()
         values = step_values(result.run_dir / "metrics.jsonl")
-        return [values[step] for step in sorted(values)], {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        return [values[step] for step in sorted(values)], {
+            k: v.detach().clone() for k, v in trainer.model.state_dict().items()
+        }
 
     eager, w_eager = losses("none")
     # Inductor draws its own random numbers unless told to use eager's: same noise, same math.
