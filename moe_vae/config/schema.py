@@ -138,6 +138,11 @@ class TrainConfig(Section):
     # torch.compile the step's forward and loss (backward follows through AOTAutograd): none,
     # or a torch.compile mode; reduce-overhead also captures CUDA graphs on a GPU.
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    # When the host reads the device's results. step: every step (a skipped non-finite step is
+    # known at once). log: only at logged steps and epoch ends, so a step never waits for the
+    # device: a non-finite step is skipped inside the fused Adam kernel and reported, and
+    # max_nonfinite_in_row checked, at the next logged step. One process, plain engine, fused Adam.
+    host_sync: Literal["step", "log"] = "step"
     # TF32 tensor cores for fp32 matmuls and convolutions on NVIDIA GPUs (no effect on a CPU).
     tf32: bool = False
     # Stop after this many optimizer steps (smoke tests); null = run every epoch to the end.

@@ -104,6 +104,7 @@ class LossTerms:
     loss_BE: torch.Tensor  # per-input per-expert L_i(x)
     dropped: torch.Tensor | None = None  # top-k: (input, expert) pairs over capacity
     entropy: torch.Tensor | None = None  # filled by the trainer: manager entropy (no grad)
+    applied: torch.Tensor | None = None  # train.host_sync=log: 1 if the update was applied
 
 
 def objective(

@@ -153,6 +153,13 @@ class Trainer:
         if cfg.train.compile != "none":
             self.forward_loss = torch.compile(self._forward_loss, mode=cfg.train.compile)
         self.engine = build_engine(self.model, cfg, world) if self.par.distributed else None
+        self.deferred = cfg.train.host_sync == "log"
+        if self.deferred and (self.engine is not None or cfg.optim.impl != "fused"):
+            raise MoeVaeError(
+                "train.host_sync=log needs one process with the plain engine and "
+                "optim.impl=fused (the fused Adam kernel is what skips a non-finite step)"
+            )
+        self.skips_dev = torch.zeros(2, device=self.device)  # host_sync=log: [skipped, in a row]
         self.optim = (
             self.engine.optimizer
             if self.engine is not None
@@ -372,12 +379,15 @@ class Trainer:
                     terms.entropy,
                 ]
             )
+            if terms.applied is not None:  # host_sync=log: a skipped step adds nothing
+                values = torch.where(terms.applied > 0, values, torch.zeros_like(values))
             self.epoch_sums += values.detach()
             if self.step % cfg.train.log_every == 0 or self.epoch_steps == steps_before + 1:
                 # Loader workers exist only while the epoch streams: sample them now.
                 memory = resident_memory_mb()
                 children_peak = max(children_peak, memory["memory/children_uss_mb"])
             if self.step % cfg.train.log_every == 0:
+                self._reconcile_skips()
                 # One host sync per logged step, not per step; the average over ranks.
                 vals = self.par.mean_over_ranks(values).tolist()
                 self._log(
@@ -391,6 +401,7 @@ class Trainer:
                         flush=True,
                     )
             if stop:  # every rank agreed (one collective per step under several ranks)
+                self._reconcile_skips()
                 self.save_checkpoint()
                 raise Stopped(
                     f"stopped by {self.stop_signal or 'a signal on another rank'} at step "
@@ -399,10 +410,12 @@ class Trainer:
                     exit_code=143,
                 )
             if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                self._reconcile_skips()
                 self.save_checkpoint()
             if self._done():
                 break
         bar.close()
+        self._reconcile_skips()
         seconds = time.perf_counter() - t0
         complete = not self._done() or self.batches_done >= loader.steps_in_epoch(epoch)
         # Streamed skips differ per rank: summed. Load-time skips are the same on every rank
@@ -500,6 +513,8 @@ class Trainer:
             [terms.total.detach().float(), *(g.sum(dtype=torch.float32) for g in grads)]
         )
         all_finite = torch.isfinite(sums.sum())
+        if self.deferred:
+            return self._deferred_step(routed, terms, all_finite)
         bad, stop = self._any_rank(~all_finite)
         if bad:  # skip the update everywhere; DeepSpeed alone would not in fp32
             for p in self.model.parameters():
@@ -512,6 +527,44 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             self.optim.step()
         return self._usage(routed, terms), True, stop
+
+    def _deferred_step(
+        self, routed: Routed, terms: LossTerms, finite: torch.Tensor
+    ) -> tuple[LossTerms, bool, bool]:
+        """host_sync=log: the update without a host sync. The fused Adam kernel skips it (and
+        its step count) where found_inf is 1; the skip is counted on the device and reported
+        by _reconcile_skips."""
+        bad = (~finite).float()
+        if self.cfg.optim.grad_clip:  # the norm stays on the device
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optim.found_inf = bad  # type: ignore[union-attr]
+        self.optim.step()
+        self.skips_dev[0] += bad
+        self.skips_dev[1] = (self.skips_dev[1] + 1) * bad
+        terms.applied = 1.0 - bad
+        return self._usage(routed, terms), True, self.stop_signal is not None
+
+    def _reconcile_skips(self) -> None:
+        """host_sync=log: read the device's skip counters (at logged steps and epoch ends), log
+        the skipped steps, and stop after max_nonfinite_in_row in a row."""
+        if not self.deferred:
+            return
+        total, in_row = (int(v) for v in self.skips_dev.tolist())
+        new = total - self.nonfinite_total
+        if not new:
+            return
+        self.nonfinite_total, self.nonfinite_in_row = total, in_row
+        self.epoch_steps -= new  # not part of the epoch's averages (reconciled every epoch)
+        self._log(
+            {"step": self.step, "event": "nonfinite_step_skipped", "count": new, "in_row": in_row}
+        )
+        if in_row >= self.cfg.train.max_nonfinite_in_row:
+            self.save_checkpoint()
+            raise Stopped(
+                f"{in_row} steps in a row had a non-finite loss or gradient "
+                f"(train.max_nonfinite_in_row); the last good state is in "
+                f"{self.run_dir / 'checkpoint.pt'}: lower optim.lr or check the data"
+            )
 
     def _forward_loss(self, x_BD: torch.Tensor) -> tuple[Routed, LossTerms]:
         """The step's forward through the dispatcher and its loss terms (what train.compile
@@ -551,10 +604,11 @@ class Trainer:
         `terms` (after an applied step)."""
         with torch.no_grad():
             probs_BE = routed.logits_BE.softmax(-1)
-            self.epoch_importance += probs_BE.sum(0)
-            self.epoch_assigned += torch.bincount(
-                probs_BE.argmax(-1), minlength=probs_BE.shape[1]
-            ).float()
+            applied = terms.applied if terms.applied is not None else 1.0
+            self.epoch_importance += probs_BE.sum(0) * applied
+            self.epoch_assigned += (
+                torch.bincount(probs_BE.argmax(-1), minlength=probs_BE.shape[1]).float() * applied
+            )
             terms.entropy = -(probs_BE * probs_BE.clamp_min(1e-12).log()).sum(-1).mean()
         return terms
 

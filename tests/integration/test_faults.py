@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from moe_vae.config import load_config
+from moe_vae.errors import MoeVaeError
 from moe_vae.track.jsonl import read_jsonl, step_values
 from moe_vae.train.trainer import Stopped, Trainer
 
@@ -194,3 +195,40 @@ def test_collapse_is_reported_and_dead_experts_are_revived(tmp_path, monkeypatch
     assert all(r["experts/collapse"] for r in res.epochs)
     assert sum(r["experts/revived"] for r in res.epochs) == sum(len(e["pairs"]) for e in revived)
     assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in res.epochs)
+
+
+def test_host_sync_log_skips_like_step_mode_without_waiting(tmp_path, monkeypatch):
+    """host_sync=log: the fused Adam kernel skips the non-finite steps on its own; the result
+    is the step-synchronised run's, and the skips are reported at the next logged step."""
+    monkeypatch.chdir(REPO)
+    synced = Trainer(_cfg(tmp_path / "a"), quiet=True)
+    _nan_at(synced, {5, 6})
+    synced.fit()
+    deferred = Trainer(
+        _cfg(tmp_path / "b", "--train.host_sync=log", "--train.log_every=4"), quiet=True
+    )
+    _nan_at(deferred, {5, 6})
+    res = deferred.fit()
+    a, b = synced.model.state_dict(), deferred.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert res.epochs[-1]["train/nonfinite_skipped"] == 2
+    assert [r["loss/total"] for r in res.epochs] == [r["loss/total"] for r in synced.epochs]
+    events = [r for r in read_jsonl(tmp_path / "b" / "n" / "metrics.jsonl") if "event" in r]
+    skipped = [r for r in events if r["event"] == "nonfinite_step_skipped"]
+    assert [(r["step"], r["count"]) for r in skipped] == [(8, 2)]  # the next logged step
+
+
+def test_host_sync_log_stops_at_a_logged_step_and_needs_fused_adam(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = _cfg(
+        tmp_path, "--train.host_sync=log", "--train.log_every=5", "--train.max_nonfinite_in_row=3"
+    )
+    trainer = Trainer(cfg, quiet=True)
+    _nan_at(trainer, set(range(4, 100)))
+    with pytest.raises(Stopped, match=r"7 steps in a row had a non-finite loss"):
+        trainer.fit()  # steps 4..10 skipped; seen at step 10
+    ckpt = torch.load(tmp_path / "n" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 10
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    with pytest.raises(MoeVaeError, match=r"optim\.impl=fused"):
+        Trainer(_cfg(tmp_path, "--train.host_sync=log", "--optim.impl=foreach"), quiet=True)
