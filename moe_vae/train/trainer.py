@@ -344,23 +344,7 @@ class Trainer:
             self.epoch_steps += 1
             bar.update()
             if not finite:
-                self.nonfinite_in_row += 1
-                self.nonfinite_total += 1
-                self._log(
-                    {
-                        "step": self.step,
-                        "event": "nonfinite_step_skipped",
-                        "in_row": self.nonfinite_in_row,
-                    }
-                )
-                if self.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                    self.save_checkpoint()
-                    raise Stopped(
-                        f"{self.nonfinite_in_row} steps in a row had a non-finite loss or "
-                        f"gradient (train.max_nonfinite_in_row); the last good state is in "
-                        f"{self.run_dir / 'checkpoint.pt'}: lower optim.lr or check the data"
-                    )
-                self.epoch_steps -= 1  # not part of the epoch's averages
+                self._record_skips(1, self.nonfinite_in_row + 1)
                 continue
             self.nonfinite_in_row = 0
             dropped = (
@@ -550,11 +534,16 @@ class Trainer:
         if not self.deferred:
             return
         total, in_row = (int(v) for v in self.skips_dev.tolist())
-        new = total - self.nonfinite_total
-        if not new:
-            return
-        self.nonfinite_total, self.nonfinite_in_row = total, in_row
-        self.epoch_steps -= new  # not part of the epoch's averages (reconciled every epoch)
+        if total > self.nonfinite_total:  # reconciled every epoch: all in this epoch
+            self._record_skips(total - self.nonfinite_total, in_row)
+
+    def _record_skips(self, new: int, in_row: int) -> None:
+        """`new` skipped steps, the last `in_row` steps skipped in a row: counted, logged and
+        left out of the epoch's averages; max_nonfinite_in_row in a row stop the run with the
+        last good state saved."""
+        self.nonfinite_total += new
+        self.nonfinite_in_row = in_row
+        self.epoch_steps -= new
         self._log(
             {"step": self.step, "event": "nonfinite_step_skipped", "count": new, "in_row": in_row}
         )
