@@ -184,9 +184,11 @@ def _use(args: argparse.Namespace) -> int:
     probs, nll = c.per_input(model, cfg, images, args.seed)
     columns: dict[str, Any] = {"key": keys, "label": labels.tolist()}
     if args.command == "assign":
+        import torch
+
         # The top-level expert (under a hierarchy: the one whose leaves hold the most mass).
-        by_cluster = probs.reshape(len(probs), model.num_clusters, -1).sum(-1)
-        columns["cluster"] = by_cluster.argmax(-1).tolist()
+        clusters = model.cluster_logits(torch.from_numpy(probs).log()).argmax(-1)
+        columns["cluster"] = clusters.tolist()
         columns.update({f"p_{e}": probs[:, e].tolist() for e in range(probs.shape[1])})
     else:
         columns["nll"] = nll.tolist()
