@@ -3,10 +3,12 @@
 Legend: B this rank's batch, K experts per input (top-k), N inputs an expert sees, E all experts,
 E_l experts on this rank, C capacity (input slots per expert), D input.
 
-`local_losses(x, ids)` runs this rank's experts and returns their losses [E_l, N]; x is [N, D]
-(one batch for every expert: dense routing) or [E_l, N, D] (a batch per expert: top-k), and ids
-(the same shape without D) are the inputs' positions in the global batch (rank-major), so
-per-sample latent noise can be made identical however the experts are sharded.
+`local_losses(x, ids, groups=None)` runs this rank's experts and returns their losses [E_l, N];
+x is [N, D] (one batch for every expert: dense routing) or [E_l, N, D] (a batch per expert:
+top-k), and ids (the same shape without D) are the inputs' positions in the global batch
+(rank-major), so per-sample latent noise can be made identical however the experts are sharded.
+With `groups` (top-k with grouped GEMM, model/grouped.py), x is [R, D] rows grouped by expert
+and the losses are [R].
 
 The local dispatcher here holds every expert; the all-to-all one lives in moe_vae.parallel.
 """
@@ -19,7 +21,9 @@ from typing import Protocol
 
 import torch
 
-LocalLosses = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from moe_vae.model.grouped import Groups, pack_grouped, unpack_grouped
+
+LocalLosses = Callable[[torch.Tensor, torch.Tensor, Groups | None], torch.Tensor]
 
 
 class Dispatcher(Protocol):
@@ -88,11 +92,16 @@ def unpack(
 
 
 class LocalDispatcher:
-    """All experts on this device."""
+    """All experts on this device. Top-k lays the inputs out per expert either padded to the
+    capacity ([E, C, D], one batched matmul per layer) or, with `grouped`, as jagged groups of
+    rows (one grouped GEMM per layer; the same pairs are dropped over capacity)."""
+
+    def __init__(self, grouped: bool = False) -> None:
+        self.grouped = grouped
 
     def expert_losses(self, x_BD: torch.Tensor, local_losses: LocalLosses) -> torch.Tensor:
         ids_B = torch.arange(len(x_BD), device=x_BD.device)
-        return local_losses(x_BD, ids_B).transpose(0, 1)
+        return local_losses(x_BD, ids_B, None).transpose(0, 1)
 
     def expert_losses_topk(
         self,
@@ -109,6 +118,11 @@ class LocalDispatcher:
             if capacity_factor == 0
             else capacity(B, K, num_experts, capacity_factor)
         )
+        if self.grouped:
+            kept_P = slot_P < cap
+            x_RD, ids_R, groups, row_P = pack_grouped(x_BD, idx_BK, slot_P, kept_P, num_experts)
+            loss_R = local_losses(x_RD, ids_R, groups)
+            return unpack_grouped(loss_R, row_P, kept_P).view(B, K), kept_P.view(B, K)
         x_ECD, ids_EC, kept_P = pack(x_BD, idx_BK, slot_P, cap, num_experts)
-        loss_EC = local_losses(x_ECD, ids_EC)
+        loss_EC = local_losses(x_ECD, ids_EC, None)
         return unpack(loss_EC, idx_BK, slot_P, kept_P), kept_P.view(B, K)

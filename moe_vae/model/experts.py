@@ -3,7 +3,8 @@
 Legend: E experts, B batch, D flattened input (C*H*W), Z latent, F flattened conv features.
 Inputs are flattened images in [0, 1]; decoders return logits (sigmoid gives the mean image).
 An input is either [B, D], shared by every expert (dense routing), or [E, B, D], one batch per
-expert (what a dispatcher hands over).
+expert (what a dispatcher hands over), or [R, D] rows grouped by expert with `groups` (top-k
+with grouped GEMM, MLP experts: model/grouped.py); outputs then have R in place of E, B.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_vae.config.schema import ModelConfig
+from moe_vae.model.grouped import Groups
 from moe_vae.model.layers import StackedMLP, activation
 
 
@@ -35,11 +37,18 @@ class ExpertBank(nn.Module):
     z_dim: int
     var_floor: float
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, groups: Groups | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, D] or [E, B, D] -> (mu_EBZ, var_EBZ), var = floor + exp(linear(h))."""
         raise NotImplementedError
 
-    def decode(self, z_EBZ: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        z_EBZ: torch.Tensor,
+        experts: torch.Tensor | None = None,
+        groups: Groups | None = None,
+    ) -> torch.Tensor:
         """z: [E, B, Z] (or [len(experts), B, Z]) -> logits [E, B, D]."""
         raise NotImplementedError
 
@@ -52,15 +61,16 @@ class ExpertBank(nn.Module):
         x: torch.Tensor,
         generator: torch.Generator | None = None,
         eps_EBZ: torch.Tensor | None = None,
+        groups: Groups | None = None,
     ) -> ExpertOutput:
         """Encode, sample z = mu + sqrt(var) * eps (eps ~ N(0, I) unless given), decode."""
-        mu_EBZ, var_EBZ = self.encode(x)
+        mu_EBZ, var_EBZ = self.encode(x, groups)
         if eps_EBZ is None:
             eps_EBZ = torch.randn(
                 mu_EBZ.shape, generator=generator, device=mu_EBZ.device, dtype=mu_EBZ.dtype
             )
         z_EBZ = mu_EBZ + var_EBZ.sqrt() * eps_EBZ
-        return ExpertOutput(mu_EBZ, var_EBZ, z_EBZ, self.decode(z_EBZ))
+        return ExpertOutput(mu_EBZ, var_EBZ, z_EBZ, self.decode(z_EBZ, groups=groups))
 
 
 class MLPExpertBank(ExpertBank):
@@ -73,11 +83,18 @@ class MLPExpertBank(ExpertBank):
         self.encoder = StackedMLP(E, [input_dim, *cfg.encoder_layers, 2 * Z], cfg.activation)
         self.decoder = StackedMLP(E, [Z, *cfg.decoder_layers, input_dim], cfg.activation)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._split_heads(self.encoder(x))
+    def encode(
+        self, x: torch.Tensor, groups: Groups | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._split_heads(self.encoder(x, groups=groups))
 
-    def decode(self, z_EBZ: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
-        return self.decoder(z_EBZ, experts)
+    def decode(
+        self,
+        z_EBZ: torch.Tensor,
+        experts: torch.Tensor | None = None,
+        groups: Groups | None = None,
+    ) -> torch.Tensor:
+        return self.decoder(z_EBZ, experts, groups)
 
 
 class _GroupedConv(nn.Module):
@@ -171,7 +188,10 @@ class ConvExpertBank(ExpertBank):
             _GroupedConv(E, i, o, transposed=True) for i, o in pairwise(rev)
         )
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, groups: Groups | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert groups is None, "grouped GEMM is for MLP experts (config-checked)"
         E, (C, H, W) = self.num_experts, self.image_shape
         shared = x.dim() == 2
         if shared:
@@ -184,7 +204,13 @@ class ConvExpertBank(ExpertBank):
         h_EBF = h.view(B, E, self.flat_features).transpose(0, 1)
         return self._split_heads(self.enc_mlp(h_EBF))
 
-    def decode(self, z_EBZ: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        z_EBZ: torch.Tensor,
+        experts: torch.Tensor | None = None,
+        groups: Groups | None = None,
+    ) -> torch.Tensor:
+        assert groups is None, "grouped GEMM is for MLP experts (config-checked)"
         C, H, W = self.image_shape
         G = self.num_experts if experts is None else len(experts)
         h_GBF = self.act(self.dec_mlp(z_EBZ, experts))

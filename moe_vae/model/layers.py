@@ -1,6 +1,7 @@
 """Building blocks shared by the manager and the expert banks.
 
-Legend: E experts, B batch, I / O layer input / output features.
+Legend: E experts, B batch, I / O layer input / output features, R rows of a grouped layout
+(inputs sorted by expert, each expert's rows contiguous: see model/dispatch.py `Groups`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe_vae.model.grouped import Groups, grouped_linear
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid,
@@ -44,13 +47,21 @@ class StackedLinear(nn.Module):
         nn.init.uniform_(self.weight_EIO, -bound, bound)
         nn.init.uniform_(self.bias_EO, -bound, bound)
 
-    def forward(self, h: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
-        """h: [B, I] (one input shared by every expert) or [E, B, I] -> [E, B, O].
+    def forward(
+        self,
+        h: torch.Tensor,
+        experts: torch.Tensor | None = None,
+        groups: Groups | None = None,
+    ) -> torch.Tensor:
+        """h: [B, I] (one input shared by every expert) or [E, B, I] -> [E, B, O]; with
+        `groups`, h is [R, I] (rows grouped by expert) -> [R, O], one grouped GEMM.
 
         `experts` (indices) selects a subset of the stacked experts; h then has that many rows.
         """
         w_EIO: torch.Tensor = self.weight_EIO
         b_EO: torch.Tensor = self.bias_EO
+        if groups is not None:
+            return grouped_linear(h, w_EIO, b_EO, groups)
         if experts is not None:
             w_EIO, b_EO = w_EIO[experts], b_EO[experts]
         if h.dim() == 2:
@@ -69,9 +80,14 @@ class StackedMLP(nn.Module):
         self.layers = nn.ModuleList(StackedLinear(num_experts, i, o) for i, o in pairwise(widths))
         self.act = activation(act)
 
-    def forward(self, h: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        experts: torch.Tensor | None = None,
+        groups: Groups | None = None,
+    ) -> torch.Tensor:
         for k, layer in enumerate(self.layers):
             if k:
                 h = self.act(h)
-            h = layer(h, experts)
+            h = layer(h, experts, groups)
         return h

@@ -18,10 +18,12 @@ from torch import nn
 from moe_vae.config.schema import LossConfig, ModelConfig
 from moe_vae.model.dispatch import Dispatcher, LocalDispatcher
 from moe_vae.model.experts import build_expert_bank
+from moe_vae.model.grouped import Groups
 from moe_vae.model.losses import elbo_losses
 from moe_vae.model.manager import HierarchicalManager, Manager, cluster_log_probs
 
-# eps for (expert ids [E_l], global sample ids [N], z_dim) -> [E_l, N, Z]; None = torch.randn.
+# eps for (expert ids, global sample ids, z_dim) -> [..., Z], the two ids broadcast together:
+# [E_l, 1] with [N] or [E_l, N], or [R] with [R] (grouped rows); None = torch.randn.
 NoiseFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -67,7 +69,9 @@ class MixtureOfVAEs(nn.Module):
             else Manager(self.input_dim, cfg.manager_layers, cfg.num_experts, cfg.activation)
         )
         self.experts = build_expert_bank(cfg, image_shape, len(self.expert_ids))
-        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(
+            grouped=cfg.expert_gemm == "grouped"
+        )
         self.noise: NoiseFn | None = None
 
     def forward(
@@ -86,9 +90,13 @@ class MixtureOfVAEs(nn.Module):
         """The manager's logits and the routed experts' losses L_i(x) on this rank's inputs."""
         ids_E = torch.tensor(list(self.expert_ids), device=x_BD.device)
 
-        def local_losses(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-            eps = self.noise(ids_E, ids, self.cfg.z_dim) if self.noise is not None else None
-            return elbo_losses(x, self.experts(x, generator=generator, eps_EBZ=eps), loss_cfg)
+        def local_losses(x: torch.Tensor, ids: torch.Tensor, groups: Groups | None) -> torch.Tensor:
+            eps = None
+            if self.noise is not None:
+                experts = ids_E[:, None] if groups is None else ids_E[groups.expert_R]
+                eps = self.noise(experts, ids, self.cfg.z_dim)
+            out = self.experts(x, generator=generator, eps_EBZ=eps, groups=groups)
+            return elbo_losses(x, out, loss_cfg)
 
         logits_BE = self.manager(x_BD)
         if self.cfg.routing == "dense":

@@ -74,7 +74,7 @@ class AllToAllDispatcher:
         dist.all_gather(gathered, x_BD.contiguous(), group=self.group)  # inputs carry no grad
         # Global batch positions (rank-major), so per-sample noise can match one device's.
         ids_N = torch.cat([r * B + torch.arange(B, device=x_BD.device) for r in self.group_ranks])
-        loss_EN = local_losses(torch.cat(gathered), ids_N)  # [E_l, G*B]
+        loss_EN = local_losses(torch.cat(gathered), ids_N, None)  # [E_l, G*B]
         E_l = loss_EN.shape[0]
         send_GEB = loss_EN.view(E_l, G, B).transpose(0, 1)  # chunk g: group rank g's inputs
         recv_GEB = _AllToAll.apply(send_GEB, self.group)  # chunk g: group rank g's experts
@@ -107,6 +107,7 @@ class AllToAllDispatcher:
         loss_LN = local_losses(
             x_in.transpose(0, 1).reshape(E_l, G * cap, D),
             ids_in.view(G, E_l, cap).transpose(0, 1).reshape(E_l, G * cap),
+            None,
         )
         # Back to the inputs' owners: chunk g of the reply holds group rank g's experts.
         loss_back = _AllToAll.apply(loss_LN.view(E_l, G, cap).transpose(0, 1), self.group)

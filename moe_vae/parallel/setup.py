@@ -138,6 +138,11 @@ def parallelize(model: MixtureOfVAEs, par: Parallel, seed: int) -> None:
 
     ep = par.ep
     if ep.size > 1:
+        if model.cfg.expert_gemm == "grouped":
+            raise MoeVaeError(
+                f"model.expert_gemm=grouped runs on one expert shard only (expert-parallel size "
+                f"here: {ep.size}); use model.expert_gemm: batched, or parallel.ep_size: 1"
+            )
         model.dispatcher = AllToAllDispatcher(ep.group, ep.group_ranks)
         # Every rank built its shard from the same seed: re-draw it per shard so that experts
         # on different ranks start different (the replicated manager stays identical).

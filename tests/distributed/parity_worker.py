@@ -75,8 +75,8 @@ def main() -> int:
     step_box = [0]
 
     def noise(expert_ids, sample_ids, z_dim):
-        # sample_ids: [N] (dense) or [E_l, N] (top-k slots); the same eps either way.
-        return eps_table[step_box[0]][expert_ids[:, None], sample_ids]
+        # expert_ids [E_l, 1] with sample_ids [N] (dense) or [E_l, N] (top-k slots): same eps.
+        return eps_table[step_box[0]][expert_ids, sample_ids]
 
     torch.manual_seed(0)
     ref = MixtureOfVAEs(cfg.model, SHAPE)

@@ -45,7 +45,7 @@ def main() -> int:
     g = torch.Generator().manual_seed(3)
     x = torch.rand(B_global, int(torch.tensor(shape).prod()), generator=g)
     eps = torch.randn(E, B_global, Z, generator=g)
-    model.noise = lambda e, n, z: eps[e][:, n]
+    model.noise = lambda e, n, z: eps[e, n]
     B = B_global // world
     with torch.no_grad():
         terms = objective(

@@ -1,5 +1,6 @@
 """train.compile on a CPU: the compiled step (what reduce-overhead turns into CUDA graphs on a
-GPU) computes the same losses and weights as the eager step."""
+GPU) computes the same losses and weights as the eager step. Compiled, the grouped GEMM runs in
+bf16 (what it does on a GPU), so that case is compared at bf16's tolerance."""
 
 from __future__ import annotations
 
@@ -12,9 +13,20 @@ from moe_vae.track.jsonl import step_values
 from moe_vae.train.trainer import Trainer
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Compiled frames shared with other tests (the model's) would be recompiled with dynamic
+    shapes, which inductor's eager-random fallback cannot draw: start from a clean cache."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("routing", ["dense", "topk"])
-def test_compiled_step_matches_eager(tmp_path, monkeypatch, repo, routing):
+@pytest.mark.parametrize(
+    "routing,gemm", [("dense", "batched"), ("topk", "batched"), ("topk", "grouped")]
+)
+def test_compiled_step_matches_eager(tmp_path, monkeypatch, repo, routing, gemm):
     monkeypatch.chdir(repo)
 
     def losses(mode: str) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -22,8 +34,9 @@ def test_compiled_step_matches_eager(tmp_path, monkeypatch, repo, routing):
             "configs/tiny.yaml",
             [
                 f"--output.dir={tmp_path}",
-                f"--output.name={mode}-{routing}",
+                f"--output.name={mode}-{routing}-{gemm}",
                 f"--model.routing={routing}",
+                f"--model.expert_gemm={gemm}",
                 f"--train.compile={mode}",
                 "--train.max_steps=4",
                 "--train.log_every=1",
@@ -40,7 +53,11 @@ def test_compiled_step_matches_eager(tmp_path, monkeypatch, repo, routing):
     # Inductor draws its own random numbers unless told to use eager's: same noise, same math.
     with torch._inductor.config.patch(fallback_random=True):
         compiled, w_compiled = losses("default")
+    # Batched: fp32 both ways. Grouped: bf16 compiled, and Adam moves a weight by ~lr whatever
+    # its gradient's size, so rounding can flip small ones: 4 steps of lr 1e-3 bound the gap.
+    # (tests/unit/test_grouped.py compares the compiled bf16 gradients themselves.)
+    rel, atol = (1e-4, 1e-4) if gemm == "batched" else (1e-2, 8e-3)
     assert len(eager) == 4
-    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert compiled == pytest.approx(eager, rel=rel)
     for name, w in w_eager.items():
-        torch.testing.assert_close(w_compiled[name], w, rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(w_compiled[name], w, rtol=1e-3, atol=atol, msg=name)

@@ -52,7 +52,7 @@ def _mutate(rng: random.Random) -> dict:
     for _ in range(rng.randint(1, 3)):
         section = rng.choice(list(data))
         choice = rng.random()
-        if choice < 0.6 and isinstance(data[section], dict):
+        if choice < 0.6 and isinstance(data[section], dict) and data[section]:
             key = rng.choice(list(data[section]))
             data[section][key] = rng.choice(VALUES)
         elif choice < 0.8 and isinstance(data[section], dict):

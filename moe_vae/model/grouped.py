@@ -1,0 +1,99 @@
+"""Grouped GEMM for top-k routing: each expert's inputs are one contiguous group of rows, and
+every layer of all experts is one `torch._grouped_mm` over the jagged groups, instead of a
+batched matmul over inputs padded to a fixed capacity per expert.
+
+Legend: B inputs, K choices per input, P = B*K (input, expert) pairs, E experts, R rows of the
+grouped layout, D input, I / O layer input / output features.
+
+The kernel's alignment rules (CUDA, checked by torch's meta functions, so by torch.compile on
+any device too): every row stride a multiple of 16 bytes, and bf16 operands. So feature dims
+are zero-padded to 16 bytes, and each group starts on a 16-byte row boundary (the weight
+gradient is a grouped GEMM whose groups run along the rows). The layout has a fixed size,
+R = round_up(P + E*(align-1), align), whatever the routing: no host sync to size it, and
+static shapes for CUDA graphs. The last group absorbs the slack rows (zero inputs, their
+losses unused, so zero gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Groups:
+    offs_E: torch.Tensor  # int32 [E]: the row after each expert's group (the last one is R)
+    expert_R: torch.Tensor  # long [R]: the expert (bank index) of each row
+
+
+def gemm_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the grouped GEMM runs in: bf16 on CUDA and under torch.compile (the kernel's
+    and its meta function's only plain dtype); the input's own dtype in eager CPU runs."""
+    if t.is_cuda or torch.compiler.is_compiling():
+        return torch.bfloat16
+    return t.dtype
+
+
+def alignment(dtype: torch.dtype) -> int:
+    """Elements in 16 bytes: rows and features are padded to multiples of this."""
+    return 16 // dtype.itemsize
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pack_grouped(
+    x_BD: torch.Tensor,
+    idx_BK: torch.Tensor,
+    slot_P: torch.Tensor,
+    kept_P: torch.Tensor,
+    num_experts: int,
+    id_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, Groups, torch.Tensor]:
+    """The kept pairs laid out by expert: (x [R, D] (zeros in padding rows), global ids [R],
+    groups, row of each pair [P] (meaningful where kept))."""
+    B, K = idx_BK.shape
+    E, align = num_experts, alignment(gemm_dtype(x_BD))
+    e_P = idx_BK.flatten()
+    kept_E = torch.bincount(e_P[kept_P], minlength=E)
+    size_E = (kept_E + align - 1) // align * align
+    end_E = torch.cumsum(size_E, 0)
+    R = _round_up(B * K + E * (align - 1), align)
+    row_P = (end_E - size_E)[e_P] + slot_P
+    b_P = torch.arange(B, device=x_BD.device).repeat_interleave(K)
+    rows, b = row_P[kept_P], b_P[kept_P]
+    x_RD = x_BD.new_zeros(R, x_BD.shape[1])
+    x_RD[rows] = x_BD[b]
+    ids_R = torch.zeros(R, dtype=torch.long, device=x_BD.device)
+    ids_R[rows] = b + id_offset
+    offs_E = end_E.to(torch.int32)
+    offs_E[-1] = R
+    expert_R = torch.searchsorted(
+        offs_E, torch.arange(R, device=x_BD.device, dtype=torch.int32), right=True
+    )
+    return x_RD, ids_R, Groups(offs_E, expert_R), row_P
+
+
+def unpack_grouped(loss_R: torch.Tensor, row_P: torch.Tensor, kept_P: torch.Tensor) -> torch.Tensor:
+    """Each pair's loss in pair order [P] (0 where dropped)."""
+    loss_P = loss_R[row_P.clamp(max=len(loss_R) - 1)]  # a dropped pair's row may lie past R
+    return torch.where(kept_P, loss_P, torch.zeros_like(loss_P))
+
+
+def grouped_linear(
+    h_RI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor, groups: Groups
+) -> torch.Tensor:
+    """Row r through expert expert_R[r]'s layer: [R, O], one grouped GEMM."""
+    dtype = gemm_dtype(h_RI)
+    a = alignment(dtype)
+    I, O = w_EIO.shape[1:]
+    pad_i, pad_o = _round_up(I, a) - I, _round_up(O, a) - O
+    h, w = h_RI.to(dtype), w_EIO.to(dtype)
+    if pad_i or pad_o:  # zero features add nothing; the extra outputs are cut off below
+        h = F.pad(h, (0, pad_i))
+        w = F.pad(w, (0, pad_o, 0, pad_i))
+    out_RO = torch._grouped_mm(h.contiguous(), w.contiguous(), offs=groups.offs_E)
+    return out_RO[:, :O].to(h_RI.dtype) + b_EO[groups.expert_R]
