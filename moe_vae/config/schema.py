@@ -143,7 +143,9 @@ class TrainConfig(Section):
     batch_size: PositiveInt = 100
     seed: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Global batch: split evenly over data-parallel ranks. bf16/fp16 need a GPU and DeepSpeed.
+    # Global batch: split evenly over data-parallel ranks.
+    # One process (plain engine): bf16 = autocast (bf16 matmuls, fp32 weights and loss sums),
+    # on CPU too; fp16 is not offered there. DeepSpeed: its bf16 / fp16 modes, GPU only.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # torch.compile the step's forward and loss (backward follows through AOTAutograd): none,
     # or a torch.compile mode; reduce-overhead also captures CUDA graphs on a GPU.

@@ -42,12 +42,14 @@ def kl_standard_normal(mu_EBZ: torch.Tensor, var_EBZ: torch.Tensor) -> torch.Ten
 
 
 def elbo_losses(x_BD: torch.Tensor, out: ExpertOutput, cfg: LossConfig) -> torch.Tensor:
-    """L_i(x) = −log p(x | z_i) + KL for each expert of the bank and each input: [E, B]."""
+    """L_i(x) = −log p(x | z_i) + KL for each expert of the bank and each input: [E, B].
+    In fp32 whatever the experts ran in (bf16 autocast): sums over 784 pixels need it."""
+    x_logits_EBD = out.x_logits_EBD.float()
     if cfg.likelihood == "gaussian":
-        nll_EB = gaussian_nll(x_BD, out.x_logits_EBD, cfg.decoder_std)
+        nll_EB = gaussian_nll(x_BD, x_logits_EBD, cfg.decoder_std)
     else:
-        nll_EB = bernoulli_nll(x_BD, out.x_logits_EBD)
-    return nll_EB + kl_standard_normal(out.mu_EBZ, out.var_EBZ)
+        nll_EB = bernoulli_nll(x_BD, x_logits_EBD)
+    return nll_EB + kl_standard_normal(out.mu_EBZ.float(), out.var_EBZ.float())
 
 
 def expected_expert_loss(

@@ -153,6 +153,14 @@ class Trainer:
         if cfg.train.compile != "none":
             self.forward_loss = torch.compile(self._forward_loss, mode=cfg.train.compile)
         self.engine = build_engine(self.model, cfg, world) if self.par.distributed else None
+        # Plain engine: bf16 is autocast (bf16 matmuls, fp32 weights, Adam and loss sums; no
+        # loss scaling needed). fp16 needs loss scaling: DeepSpeed's.
+        self.bf16_autocast = self.engine is None and cfg.train.precision == "bf16"
+        if self.engine is None and cfg.train.precision == "fp16":
+            raise MoeVaeError(
+                "train.precision=fp16 needs loss scaling, which only the DeepSpeed engine does "
+                "here (parallel.engine: deepspeed); in one process use train.precision: bf16"
+            )
         self.deferred = cfg.train.host_sync == "log"
         if self.deferred and (self.engine is not None or cfg.optim.impl != "fused"):
             raise MoeVaeError(
@@ -470,7 +478,8 @@ class Trainer:
         elsewhere), semi-supervised only; `anchor`: the warm start's (pseudo-labels, weight).
         Returns (terms, finite, stop requested)."""
         cfg = self.cfg
-        routed, terms = self.forward_loss(x_BD)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16_autocast):
+            routed, terms = self.forward_loss(x_BD)
         terms.dropped = routed.dropped
         clusters_BC = self.model.cluster_logits(routed.logits_BE)  # labels name top-level experts
         if targets_B is not None:
