@@ -48,6 +48,10 @@ class ModelConfig(Section):
     # VAEs with its own manager (the leaves, 30 VAEs, are the bank's experts: num_experts is
     # the product). The top level is the clustering; balancing applies per level.
     hierarchy: list[PositiveInt] | None = None
+    # The first layers of the manager and of every expert read the same input (dense routing,
+    # one expert shard): keep them as one [D, manager + E x encoder] weight, one GEMM for all.
+    # Same math as unfused; the checkpoint's layout differs. MLP experts, flat manager.
+    fused_input: bool = False
 
     @property
     def num_clusters(self) -> int:
@@ -84,6 +88,17 @@ class ModelConfig(Section):
                 f"model.expert_gemm=grouped needs model.routing: topk and model.expert: mlp "
                 f"(got routing {self.routing}, expert {self.expert})"
             )
+        if self.fused_input:
+            needs = {
+                "model.routing: dense": self.routing == "dense",
+                "model.expert: mlp": self.expert == "mlp",
+                "no model.hierarchy": self.hierarchy is None,
+                "a hidden layer in model.manager_layers": bool(self.manager_layers),
+                "a hidden layer in model.encoder_layers": bool(self.encoder_layers),
+            }
+            missing = [what for what, ok in needs.items() if not ok]
+            if missing:
+                raise ValueError(f"model.fused_input needs {', '.join(missing)}")
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"model.top_k={self.top_k} is more than model.num_experts={self.num_experts}"
@@ -297,6 +312,11 @@ class Config(Section):
             raise ValueError(
                 "train.revive_dead_experts is not supported with model.hierarchy (revival "
                 "splits a flat manager's logit)"
+            )
+        if self.train.revive_dead_experts and self.model.fused_input:
+            raise ValueError(
+                "train.revive_dead_experts is not supported with model.fused_input (revival "
+                "copies expert parameters, and the fused layer holds the experts' first layers)"
             )
         if self.train.resume == "auto" and not self.output.name:
             raise ValueError(

@@ -74,13 +74,16 @@ class ExpertBank(nn.Module):
 
 
 class MLPExpertBank(ExpertBank):
-    """Fully connected VAEs: D -> encoder_layers -> (mu, var); Z -> decoder_layers -> D."""
+    """Fully connected VAEs: D -> encoder_layers -> (mu, var); Z -> decoder_layers -> D.
+    With model.fused_input the encoder's first layer lives in the model's FusedInputLayer:
+    encode() then takes its activated output [E, B, encoder_layers[0]], not the input."""
 
     def __init__(self, cfg: ModelConfig, input_dim: int, num_experts: int | None = None) -> None:
         super().__init__()
         E, Z = num_experts or cfg.num_experts, cfg.z_dim
         self.num_experts, self.z_dim, self.var_floor = E, Z, cfg.var_floor
-        self.encoder = StackedMLP(E, [input_dim, *cfg.encoder_layers, 2 * Z], cfg.activation)
+        widths = [input_dim, *cfg.encoder_layers, 2 * Z]
+        self.encoder = StackedMLP(E, widths[1:] if cfg.fused_input else widths, cfg.activation)
         self.decoder = StackedMLP(E, [Z, *cfg.decoder_layers, input_dim], cfg.activation)
 
     def encode(

@@ -91,3 +91,25 @@ class StackedMLP(nn.Module):
                 h = self.act(h)
             h = layer(h, experts, groups)
         return h
+
+
+class FusedInputLayer(nn.Module):
+    """The first layers of the manager (width M) and of E experts (width H each), which all
+    read the same input, as one [I, M + E*H] weight: one GEMM for all of them, forward and
+    backward. Initialised like the layers it replaces (uniform ±1/sqrt(I))."""
+
+    def __init__(self, in_features: int, manager_width: int, num_experts: int, width: int) -> None:
+        super().__init__()
+        self.manager_width, self.num_experts, self.width = manager_width, num_experts, width
+        out_features = manager_width + num_experts * width
+        self.weight_IF = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias_F = nn.Parameter(torch.empty(out_features))
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight_IF, -bound, bound)
+        nn.init.uniform_(self.bias_F, -bound, bound)
+
+    def forward(self, x_BI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, I] -> (manager's pre-activation [B, M], experts' pre-activation [E, B, H])."""
+        h_BF = torch.addmm(self.bias_F, x_BI, self.weight_IF)
+        M, E, H = self.manager_width, self.num_experts, self.width
+        return h_BF[:, :M], h_BF[:, M:].view(-1, E, H).transpose(0, 1)

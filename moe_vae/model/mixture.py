@@ -19,6 +19,7 @@ from moe_vae.config.schema import LossConfig, ModelConfig
 from moe_vae.model.dispatch import Dispatcher, LocalDispatcher
 from moe_vae.model.experts import build_expert_bank
 from moe_vae.model.grouped import Groups
+from moe_vae.model.layers import FusedInputLayer, activation
 from moe_vae.model.losses import elbo_losses
 from moe_vae.model.manager import HierarchicalManager, Manager, cluster_log_probs
 
@@ -63,10 +64,20 @@ class MixtureOfVAEs(nn.Module):
         self.num_experts = cfg.num_experts
         self.expert_ids = expert_ids if expert_ids is not None else range(cfg.num_experts)
         self.num_clusters = cfg.num_clusters
+        self.input_layer: FusedInputLayer | None = None
+        if cfg.fused_input:  # the manager and the experts then start after their first layer
+            self.input_layer = FusedInputLayer(
+                self.input_dim, cfg.manager_layers[0], len(self.expert_ids), cfg.encoder_layers[0]
+            )
+            self.act = activation(cfg.activation)
         self.manager: nn.Module = (
             HierarchicalManager(self.input_dim, cfg.manager_layers, cfg.hierarchy, cfg.activation)
             if cfg.hierarchy
             else Manager(self.input_dim, cfg.manager_layers, cfg.num_experts, cfg.activation)
+            if not cfg.fused_input
+            else Manager(
+                cfg.manager_layers[0], cfg.manager_layers[1:], cfg.num_experts, cfg.activation
+            )
         )
         self.experts = build_expert_bank(cfg, image_shape, len(self.expert_ids))
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(
@@ -74,12 +85,29 @@ class MixtureOfVAEs(nn.Module):
         )
         self.noise: NoiseFn | None = None
 
+    def _inputs(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the manager and the expert bank read: the input itself, or with
+        model.fused_input their activated first layers ([B, M] and [E, B, H]) from one GEMM."""
+        if self.input_layer is None:
+            return x_BD, x_BD
+        h_BM, h_EBH = self.input_layer(x_BD)
+        return self.act(h_BM), self.act(h_EBH)
+
+    def manager_logits(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """The manager's logits over all experts [B, E] (alone: eval, assign, label replay)."""
+        if self.input_layer is None:
+            return self.manager(x_BD)
+        M = self.input_layer.manager_width  # the manager's columns of the fused layer only
+        h_BM = torch.addmm(self.input_layer.bias_F[:M], x_BD, self.input_layer.weight_IF[:, :M])
+        return self.manager(self.act(h_BM))
+
     def forward(
         self, x_BD: torch.Tensor, generator: torch.Generator | None = None
     ) -> MixtureOutput:
         """Manager over all experts, and this bank's experts on every input."""
-        logits_BE = self.manager(x_BD)
-        out = self.experts(x_BD, generator=generator)
+        manager_in, experts_in = self._inputs(x_BD)
+        logits_BE = self.manager(manager_in)
+        out = self.experts(experts_in, generator=generator)
         return MixtureOutput(
             logits_BE, logits_BE.softmax(-1), out.mu_EBZ, out.var_EBZ, out.z_EBZ, out.x_logits_EBD
         )
@@ -95,10 +123,15 @@ class MixtureOfVAEs(nn.Module):
             if self.noise is not None:
                 experts = ids_E[:, None] if groups is None else ids_E[groups.expert_R]
                 eps = self.noise(experts, ids, self.cfg.z_dim)
-            out = self.experts(x, generator=generator, eps_EBZ=eps, groups=groups)
+            # Fused: dense routing on one shard (config- and parallelize-checked), so x is
+            # x_BD and the experts read their first layer's output computed with the manager's.
+            experts_in = x if experts_in_fused is None else experts_in_fused
+            out = self.experts(experts_in, generator=generator, eps_EBZ=eps, groups=groups)
             return elbo_losses(x, out, loss_cfg)
 
-        logits_BE = self.manager(x_BD)
+        manager_in, experts_in_BD = self._inputs(x_BD)
+        experts_in_fused = experts_in_BD if self.input_layer is not None else None
+        logits_BE = self.manager(manager_in)
         if self.cfg.routing == "dense":
             loss_BE = self.dispatcher.expert_losses(x_BD, local_losses)
             return Routed(logits_BE, loss_BE, levels=self.cfg.hierarchy)
@@ -117,7 +150,7 @@ class MixtureOfVAEs(nn.Module):
     @torch.no_grad()
     def assign(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Cluster id of each input: the manager's argmax over the top-level experts, [B]."""
-        return self.cluster_logits(self.manager(x_BD)).argmax(-1)
+        return self.cluster_logits(self.manager_logits(x_BD)).argmax(-1)
 
     def _local_index(self, expert: int) -> int:
         if not 0 <= expert < self.num_experts:

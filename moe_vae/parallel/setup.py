@@ -138,6 +138,12 @@ def parallelize(model: MixtureOfVAEs, par: Parallel, seed: int) -> None:
 
     ep = par.ep
     if ep.size > 1:
+        if model.cfg.fused_input:
+            raise MoeVaeError(
+                f"model.fused_input needs every expert on one shard (the manager and the "
+                f"experts must read the same inputs; expert-parallel size here: {ep.size}); "
+                f"set parallel.ep_size: 1"
+            )
         if model.cfg.expert_gemm == "grouped":
             raise MoeVaeError(
                 f"model.expert_gemm=grouped runs on one expert shard only (expert-parallel size "

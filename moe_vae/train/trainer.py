@@ -488,7 +488,7 @@ class Trainer:
             terms.total = terms.total + manager_cross_entropy(clusters_BC, *anchor)
         if cfg.loss.labelled_batch:  # replayed labelled samples: through the manager only
             images, labels = self.labels.replay(cfg.loss.labelled_batch, cfg.train.seed, self.step)
-            logits = self.model.manager(to_inputs(images.to(self.device)))
+            logits = self.model.manager_logits(to_inputs(images.to(self.device)))
             terms.total = terms.total + self.labels.loss(self.model.cluster_logits(logits), labels)
         if self.engine is not None and self.engine.zero_optimization_stage() > 0:
             finite, stop = self._zero_backward_step(terms.total)

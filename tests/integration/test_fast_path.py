@@ -47,17 +47,24 @@ def fresh_dynamo():
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
-    "routing,gemm", [("dense", "batched"), ("topk", "batched"), ("topk", "grouped")]
+    "routing,gemm,fused",
+    [
+        ("dense", "batched", False),
+        ("dense", "batched", True),
+        ("topk", "batched", False),
+        ("topk", "grouped", False),
+    ],
 )
-def test_compiled_step_matches_eager(tmp_path, monkeypatch, repo, routing, gemm):
+def test_compiled_step_matches_eager(tmp_path, monkeypatch, repo, routing, gemm, fused):
     monkeypatch.chdir(repo)
 
     def losses(mode: str) -> tuple[list[float], dict[str, torch.Tensor]]:
         return _four_steps(
             tmp_path,
-            f"{mode}-{routing}-{gemm}",
+            f"{mode}-{routing}-{gemm}-{fused}",
             f"--model.routing={routing}",
             f"--model.expert_gemm={gemm}",
+            f"--model.fused_input={str(fused).lower()}",
             f"--train.compile={mode}",
         )
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from moe_vae.config.schema import LossConfig, ModelConfig
+from moe_vae.config.schema import Config, LossConfig, ModelConfig, TrainConfig
 from moe_vae.model.experts import ConvExpertBank, MLPExpertBank
 from moe_vae.model.layers import StackedMLP, activation
-from moe_vae.model.losses import gaussian_nll, kl_standard_normal
+from moe_vae.model.losses import gaussian_nll, kl_standard_normal, objective
 from moe_vae.model.mixture import MixtureOfVAEs
 
 
@@ -222,3 +222,74 @@ def test_bernoulli_objective_reaches_every_parameter():
     terms = objective(model.losses(x, cfg), cfg)
     terms.total.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def _fuse_state(plain: MixtureOfVAEs) -> dict[str, torch.Tensor]:
+    """The unfused model's weights in the fused layout: the manager's and the encoders' first
+    layers become the fused [D, M + E*H] weight; their later layers move down by one."""
+    m_lin, e_lin = plain.manager.layers[0], plain.experts.encoder.layers[0]
+    state = {
+        "input_layer.weight_IF": torch.cat(
+            [m_lin.weight.T, e_lin.weight_EIO.permute(1, 0, 2).flatten(1)], dim=1
+        ),
+        "input_layer.bias_F": torch.cat([m_lin.bias, e_lin.bias_EO.flatten()]),
+    }
+    for key, value in plain.state_dict().items():
+        for prefix in ("manager.layers.", "experts.encoder.layers."):
+            if key.startswith(prefix):
+                index, rest = key[len(prefix) :].split(".", 1)
+                if index != "0":
+                    state[f"{prefix}{int(index) - 1}.{rest}"] = value
+                break
+        else:
+            state[key] = value
+    return state
+
+
+@pytest.mark.parametrize("layers", [[6], [6, 5]])
+def test_fused_input_layer_computes_the_unfused_model(layers):
+    """model.fused_input: the manager's and the experts' first layers as one weight give the
+    same losses, gradients and cluster assignments as the separate layers they replace."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        num_experts=3, z_dim=2, encoder_layers=layers, decoder_layers=[4], manager_layers=[7, 5]
+    )
+    plain = MixtureOfVAEs(cfg, (1, 3, 3))
+    fused = MixtureOfVAEs(cfg.model_copy(update={"fused_input": True}), (1, 3, 3))
+    fused.load_state_dict(_fuse_state(plain))  # strict: the layouts match key for key
+    eps = torch.randn(3, 8, 2)
+    for m in (plain, fused):
+        m.noise = lambda e, n, z: eps[e, n]
+    x, loss_cfg = torch.rand(8, 9), LossConfig()
+    a = objective(plain.losses(x, loss_cfg), loss_cfg)
+    b = objective(fused.losses(x, loss_cfg), loss_cfg)
+    torch.testing.assert_close(b.total, a.total)
+    torch.testing.assert_close(fused.manager_logits(x), plain.manager_logits(x))
+    assert torch.equal(fused.assign(x), plain.assign(x))
+    torch.testing.assert_close(fused(x).mu_EBZ, plain(x).mu_EBZ)
+    a.total.backward()
+    b.total.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters()}
+    fused_grads = {n: p.grad for n, p in fused.named_parameters()}
+    M, H = 7, layers[0]
+    grad_IF = fused_grads["input_layer.weight_IF"]
+    torch.testing.assert_close(grad_IF[:, :M], grads["manager.layers.0.weight"].T)
+    torch.testing.assert_close(
+        grad_IF[:, M:].view(9, 3, H).permute(1, 0, 2), grads["experts.encoder.layers.0.weight_EIO"]
+    )
+    torch.testing.assert_close(
+        fused_grads["manager.layers.0.weight"], grads["manager.layers.1.weight"]
+    )
+    torch.testing.assert_close(
+        fused_grads["experts.decoder.layers.1.weight_EIO"],
+        grads["experts.decoder.layers.1.weight_EIO"],
+    )
+
+
+def test_fused_input_config_rules():
+    with pytest.raises(ValueError, match=r"model\.fused_input needs model\.routing: dense"):
+        ModelConfig(fused_input=True, routing="topk")
+    with pytest.raises(ValueError, match=r"a hidden layer in model\.manager_layers"):
+        ModelConfig(fused_input=True, manager_layers=[])
+    with pytest.raises(ValueError, match=r"revive_dead_experts is not supported with model\.fused"):
+        Config(model=ModelConfig(fused_input=True), train=TrainConfig(revive_dead_experts=True))
