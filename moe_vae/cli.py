@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
     bench.add_argument("--no-baseline", action="store_true", help="time ours only")
+    bench.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then profile N of our steps: time and kernels per phase (default 0: none)",
+    )
     return parser
 
 
@@ -306,6 +313,7 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     from moe_vae.bench.naive import unsupported
+    from moe_vae.bench.profile import format_profile
     from moe_vae.bench.run import format_table, run_bench
     from moe_vae.config.load import load_config
 
@@ -315,8 +323,14 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     reason = None if args.no_baseline else unsupported(cfg)
     if reason:
         raise MoeVaeError(f"{reason}: pass --no-baseline")
-    rows, device = run_bench(cfg, args.steps, args.warmup, args.repeats, not args.no_baseline)
+    if args.profile < 0:
+        raise MoeVaeError(f"--profile {args.profile}: expected 0 (none) or a number of steps")
+    rows, device, profile = run_bench(
+        cfg, args.steps, args.warmup, args.repeats, not args.no_baseline, args.profile
+    )
     print(format_table(rows, f"{device} ({torch.get_num_threads()} threads)", args.repeats))
+    if profile is not None:
+        print(format_profile(profile))
     return 0
 
 

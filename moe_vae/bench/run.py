@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_vae.bench.naive import NaiveMixture
+from moe_vae.bench.profile import StepProfile, profile_steps
 from moe_vae.config.schema import Config
 from moe_vae.evaluate.evaluator import to_inputs
 
@@ -143,12 +144,14 @@ def measure(
 
 
 def run_bench(
-    cfg: Config, steps: int, warmup: int, repeats: int, baseline: bool
-) -> tuple[list[BenchRow], torch.device]:
+    cfg: Config, steps: int, warmup: int, repeats: int, baseline: bool, profile: int = 0
+) -> tuple[list[BenchRow], torch.device, StepProfile | None]:
+    """The timed rows, the device, and (profile > 0) a profile of that many of our steps."""
     with ExitStack() as stack:
         mine, device = ours(cfg, stack)
         contenders = [mine, naive(cfg, device)] if baseline else [mine]
         measure(contenders, steps, warmup, repeats, device)
+        report = profile_steps(mine.step, mine.batches, profile, device) if profile else None
     B, epochs = cfg.train.batch_size, cfg.train.epochs
     rows = [
         BenchRow(
@@ -156,7 +159,7 @@ def run_bench(
         )
         for c in contenders
     ]
-    return rows, device
+    return rows, device, report
 
 
 def format_table(rows: list[BenchRow], device: str, repeats: int) -> str:

@@ -62,6 +62,27 @@ def test_bench_command_prints_both_rows_and_the_ratio(tmp_path):
     assert "moe-vae" in rows and "naive" in rows and "vs naive" in proc.stdout
     assert rows["naive"][-2] == "1.00x" and rows["moe-vae"][-2].endswith("x")
     assert float(rows["moe-vae"][1]) > 0  # steps/s
+    assert "profile" not in proc.stdout  # only when asked
+
+
+def test_bench_profile_splits_the_step_into_phases(tmp_path):
+    moe_vae = Path(sys.prefix) / "bin" / "moe-vae"
+    args = ["bench", "--config", "configs/tiny.yaml", "--steps=2", "--warmup=1", "--repeats=1"]
+    proc = subprocess.run(
+        [str(moe_vae), *args, "--no-baseline", "--profile=3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "profile: 3 steps of moe-vae on cpu" in proc.stdout
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line}
+    host = {p: float(rows[p][0]) for p in ("forward+other", "backward", "optimizer")}
+    ops = {p: int(rows[p][2]) for p in ("forward+other", "backward", "optimizer")}
+    assert all(v > 0 for v in host.values()) and all(v > 0 for v in ops.values())
+    assert int(rows["total"][2]) == sum(ops.values())
+    assert ops["backward"] > ops["optimizer"]  # fused Adam: a couple of ops for all weights
 
     conv = subprocess.run(
         [str(moe_vae), *args, "--model.expert=conv"], cwd=REPO, capture_output=True, text=True
