@@ -68,7 +68,9 @@ def profile_steps(
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     # One step of warm-up inside the profiler, then `steps` recorded steps.
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
+    with profile(
+        activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)
+    ) as prof:
         for _ in range(steps + 1):
             step(next(batches))
             if on_gpu:

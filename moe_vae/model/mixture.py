@@ -70,15 +70,19 @@ class MixtureOfVAEs(nn.Module):
                 self.input_dim, cfg.manager_layers[0], len(self.expert_ids), cfg.encoder_layers[0]
             )
             self.act = activation(cfg.activation)
-        self.manager: nn.Module = (
-            HierarchicalManager(self.input_dim, cfg.manager_layers, cfg.hierarchy, cfg.activation)
-            if cfg.hierarchy
-            else Manager(self.input_dim, cfg.manager_layers, cfg.num_experts, cfg.activation)
-            if not cfg.fused_input
-            else Manager(
+        self.manager: nn.Module
+        if cfg.hierarchy:
+            self.manager = HierarchicalManager(
+                self.input_dim, cfg.manager_layers, cfg.hierarchy, cfg.activation
+            )
+        elif cfg.fused_input:  # reads the fused layer's manager part, [B, manager_layers[0]]
+            self.manager = Manager(
                 cfg.manager_layers[0], cfg.manager_layers[1:], cfg.num_experts, cfg.activation
             )
-        )
+        else:
+            self.manager = Manager(
+                self.input_dim, cfg.manager_layers, cfg.num_experts, cfg.activation
+            )
         self.experts = build_expert_bank(cfg, image_shape, len(self.expert_ids))
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(
             grouped=cfg.expert_gemm == "grouped"
