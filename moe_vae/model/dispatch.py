@@ -53,7 +53,9 @@ def plan_slots(idx_BK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
     order: (slot [B*K], inputs per expert [E])."""
     e_P = idx_BK.flatten()
     order = torch.argsort(e_P, stable=True)
-    counts_E = torch.bincount(e_P, minlength=num_experts)
+    # Not bincount: its output size depends on the data, a host sync on a GPU.
+    counts_E = torch.zeros(num_experts, dtype=e_P.dtype, device=e_P.device)
+    counts_E.scatter_add_(0, e_P, torch.ones_like(e_P))
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     slot_P = torch.empty_like(e_P)
     slot_P[order] = torch.arange(len(e_P), device=e_P.device) - starts_E[e_P[order]]
@@ -71,14 +73,17 @@ def pack(
     """Inputs laid out per expert: (x [E, C, D] (zeros in empty slots), global ids [E, C],
     kept [B*K]: pairs beyond an expert's capacity are dropped)."""
     B, K = idx_BK.shape
+    E, D = num_experts, x_BD.shape[1]
     e_P, kept_P = idx_BK.flatten(), slot_P < cap
     b_P = torch.arange(B, device=x_BD.device).repeat_interleave(K)
-    x_ECD = x_BD.new_zeros(num_experts, cap, x_BD.shape[1])
-    ids_EC = torch.zeros(num_experts, cap, dtype=torch.long, device=x_BD.device)
-    e, s, b = e_P[kept_P], slot_P[kept_P], b_P[kept_P]
-    x_ECD[e, s] = x_BD[b]
-    ids_EC[e, s] = b + id_offset
-    return x_ECD, ids_EC, kept_P
+    # No boolean indexing (a host sync on a GPU): dropped pairs write to one spare row past
+    # the E*C slots, which is cut off.
+    flat_P = torch.where(kept_P, e_P * cap + slot_P, E * cap)
+    x_SD = x_BD.new_zeros(E * cap + 1, D)
+    ids_S = torch.zeros(E * cap + 1, dtype=torch.long, device=x_BD.device)
+    x_SD[flat_P] = x_BD[b_P]
+    ids_S[flat_P] = b_P + id_offset
+    return x_SD[: E * cap].view(E, cap, D), ids_S[: E * cap].view(E, cap), kept_P
 
 
 def unpack(
@@ -86,9 +91,9 @@ def unpack(
 ) -> torch.Tensor:
     """Each pair's loss back in [B, K] order (0 where dropped)."""
     e_P = idx_BK.flatten()
-    loss_P = loss_EC.new_zeros(len(e_P))
-    loss_P[kept_P] = loss_EC[e_P[kept_P], slot_P[kept_P]]
-    return loss_P.view(idx_BK.shape)
+    slot_P = slot_P.clamp(max=loss_EC.shape[1] - 1)  # a dropped pair's slot may lie past C
+    loss_P = loss_EC[e_P, slot_P]
+    return torch.where(kept_P, loss_P, torch.zeros_like(loss_P)).view(idx_BK.shape)
 
 
 class LocalDispatcher:

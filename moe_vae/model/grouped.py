@@ -58,17 +58,20 @@ def pack_grouped(
     B, K = idx_BK.shape
     E, align = num_experts, alignment(gemm_dtype(x_BD))
     e_P = idx_BK.flatten()
-    kept_E = torch.bincount(e_P[kept_P], minlength=E)
+    # No bincount or boolean indexing: both are host syncs on a GPU.
+    kept_E = torch.zeros(E, dtype=e_P.dtype, device=e_P.device)
+    kept_E.scatter_add_(0, e_P, kept_P.to(e_P.dtype))
     size_E = (kept_E + align - 1) // align * align
     end_E = torch.cumsum(size_E, 0)
     R = _round_up(B * K + E * (align - 1), align)
     row_P = (end_E - size_E)[e_P] + slot_P
     b_P = torch.arange(B, device=x_BD.device).repeat_interleave(K)
-    rows, b = row_P[kept_P], b_P[kept_P]
-    x_RD = x_BD.new_zeros(R, x_BD.shape[1])
-    x_RD[rows] = x_BD[b]
-    ids_R = torch.zeros(R, dtype=torch.long, device=x_BD.device)
-    ids_R[rows] = b + id_offset
+    rows_P = torch.where(kept_P, row_P, R)  # dropped pairs go to a spare row, cut off below
+    x_RD = x_BD.new_zeros(R + 1, x_BD.shape[1])
+    x_RD[rows_P] = x_BD[b_P]
+    ids_R = torch.zeros(R + 1, dtype=torch.long, device=x_BD.device)
+    ids_R[rows_P] = b_P + id_offset
+    x_RD, ids_R = x_RD[:R], ids_R[:R]
     offs_E = end_E.to(torch.int32)
     offs_E[-1] = R
     expert_R = torch.searchsorted(
