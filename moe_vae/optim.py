@@ -27,3 +27,14 @@ def build_adam(params: Iterable[Any], cfg: OptimConfig) -> torch.optim.Adam:
         weight_decay=cfg.weight_decay,
         **impl,
     )
+
+
+def nonfinite_flag(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 where the loss or any gradient holds a NaN or inf, else 0.0: a 0-dim float tensor on
+    the loss's device, not read back. The gradients go through the multi-tensor check that
+    torch's GradScaler uses (one kernel launch for all of them on a GPU, where a sum per
+    gradient is one each); its unscale multiplies them by exactly 1."""
+    found = (~torch.isfinite(loss.detach())).float()
+    if grads:
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, found.new_ones(()))
+    return found

@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+from moe_vae.config import load_config
+from moe_vae.track.jsonl import step_values
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -35,3 +39,32 @@ def repo() -> Path:
 @pytest.fixture
 def tiny_config() -> Path:
     return CONFIGS / "tiny.yaml"
+
+
+@pytest.fixture
+def train_steps(tmp_path, monkeypatch):
+    """Trains the tiny config for a few logged steps: train_steps(name, *overrides, steps=4)
+    returns (the loss of each step, the final weights)."""
+    from moe_vae.train.trainer import Trainer
+
+    monkeypatch.chdir(REPO)
+
+    def run(name: str, *extra: str, steps: int = 4) -> tuple[list[float], dict[str, torch.Tensor]]:
+        cfg = load_config(
+            CONFIGS / "tiny.yaml",
+            [
+                f"--output.dir={tmp_path}",
+                f"--output.name={name}",
+                f"--train.max_steps={steps}",
+                "--train.log_every=1",
+                "--track.wandb=disabled",
+                *extra,
+            ],
+        )
+        trainer = Trainer(cfg, quiet=True)
+        result = trainer.fit()
+        values = step_values(result.run_dir / "metrics.jsonl")
+        weights = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+        return [values[step] for step in sorted(values)], weights
+
+    return run

@@ -75,7 +75,7 @@ def pack(
     B, K = idx_BK.shape
     E, D = num_experts, x_BD.shape[1]
     e_P, kept_P = idx_BK.flatten(), slot_P < cap
-    b_P = torch.arange(B, device=x_BD.device).repeat_interleave(K)
+    b_P = torch.arange(B * K, device=x_BD.device) // K  # input of each pair, k-minor
     # No boolean indexing (a host sync on a GPU): dropped pairs write to one spare row past
     # the E*C slots, which is cut off.
     flat_P = torch.where(kept_P, e_P * cap + slot_P, E * cap)

@@ -65,7 +65,7 @@ def pack_grouped(
     end_E = torch.cumsum(size_E, 0)
     R = _round_up(B * K + E * (align - 1), align)
     row_P = (end_E - size_E)[e_P] + slot_P
-    b_P = torch.arange(B, device=x_BD.device).repeat_interleave(K)
+    b_P = torch.arange(B * K, device=x_BD.device) // K  # input of each pair, k-minor
     rows_P = torch.where(kept_P, row_P, R)  # dropped pairs go to a spare row, cut off below
     x_RD = x_BD.new_zeros(R + 1, x_BD.shape[1])
     x_RD[rows_P] = x_BD[b_P]

@@ -105,8 +105,20 @@ class LossTerms:
     balancing: torch.Tensor  # unweighted balancing term
     loss_BE: torch.Tensor  # per-input per-expert L_i(x)
     dropped: torch.Tensor | None = None  # top-k: (input, expert) pairs over capacity
-    entropy: torch.Tensor | None = None  # filled by the trainer: manager entropy (no grad)
+    entropy: torch.Tensor | None = None  # manager entropy (no grad; see manager_usage)
+    usage_2E: torch.Tensor | None = None  # [summed probabilities, argmax counts] (no grad)
     applied: torch.Tensor | None = None  # train.host_sync=log: 1 if the update was applied
+
+
+def manager_usage(logits_BE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The manager's usage statistics, without gradient: ([summed probabilities, argmax counts]
+    per expert [2, E], mean entropy). Counted by comparison with every expert id, not bincount
+    or one_hot: on a GPU both read the ids' range back to the host."""
+    probs_BE = logits_BE.detach().softmax(-1)
+    ids_E = torch.arange(probs_BE.shape[1], device=probs_BE.device)
+    counts_E = (probs_BE.argmax(-1, keepdim=True) == ids_E).sum(0, dtype=probs_BE.dtype)
+    entropy = -(probs_BE * probs_BE.clamp_min(1e-12).log()).sum(-1).mean()
+    return torch.stack([probs_BE.sum(0), counts_E]), entropy
 
 
 def objective(

@@ -40,9 +40,9 @@ from moe_vae.evaluate.plots import (
     save_loss_curves,
     save_reconstructions,
 )
-from moe_vae.model.losses import LossTerms, objective
+from moe_vae.model.losses import LossTerms, manager_usage, objective
 from moe_vae.model.mixture import MixtureOfVAEs, Routed
-from moe_vae.optim import build_adam
+from moe_vae.optim import build_adam, nonfinite_flag
 from moe_vae.parallel.engine import build_engine
 from moe_vae.parallel.setup import parallelize, setup_parallel
 from moe_vae.parallel.sharding import (
@@ -187,10 +187,8 @@ class Trainer:
         self.batches_done = 0  # position in the current epoch's stream (what resume skips)
         self.epoch_sums = torch.zeros(len(STEP_KEYS), device=self.device)
         self.epoch_steps = 0
-        # Per-expert usage this epoch: summed probabilities and argmax counts (reduced at the end).
-        E = cfg.model.num_experts
-        self.epoch_importance = torch.zeros(E, device=self.device)
-        self.epoch_assigned = torch.zeros(E, device=self.device)
+        # Per-expert usage this epoch: [summed probabilities, argmax counts] (reduced at the end).
+        self.epoch_usage_2E = torch.zeros(2, cfg.model.num_experts, device=self.device)
         self.grid_rows: list[np.ndarray] = []
         self.epochs: list[dict[str, Any]] = []
 
@@ -261,7 +259,7 @@ class Trainer:
             "data": loader_state(self.epoch, self.batches_done),
             "epoch_sums": self.epoch_sums.cpu(),
             "epoch_steps": self.epoch_steps,
-            "epoch_usage": torch.stack([self.epoch_importance, self.epoch_assigned]).cpu(),
+            "epoch_usage": self.epoch_usage_2E.cpu(),
             "epochs": self.epochs,
             "grid_rows": [torch.from_numpy(r) for r in self.grid_rows],
             "rng": rng,
@@ -310,8 +308,7 @@ class Trainer:
         self.epoch_sums = ckpt["epoch_sums"].to(self.device)
         self.epoch_steps = ckpt["epoch_steps"]
         if "epoch_usage" in ckpt:
-            usage = ckpt["epoch_usage"].to(self.device)
-            self.epoch_importance, self.epoch_assigned = usage[0].clone(), usage[1].clone()
+            self.epoch_usage_2E = ckpt["epoch_usage"].to(self.device)
         complete = [i for i, r in enumerate(ckpt["epochs"]) if r.get("complete", True)]
         self.epochs = [ckpt["epochs"][i] for i in complete]
         self.grid_rows = [ckpt["grid_rows"][i].numpy() for i in complete]
@@ -414,8 +411,7 @@ class Trainer:
         # (each reads all of an in-memory dataset): counted once.
         bad = Counter(self.par.sum_counts(loader.report.counts)) + self.data.load_skipped
         means = self.par.mean_over_ranks(self.epoch_sums / max(self.epoch_steps, 1))
-        assigned = self.par.mean_over_ranks(self.epoch_assigned)
-        importance = self.par.mean_over_ranks(self.epoch_importance)
+        importance, assigned = self.par.mean_over_ranks(self.epoch_usage_2E)
         share = (assigned / assigned.sum().clamp_min(1)).tolist()
         new_steps = self.epoch_steps - steps_before
         record = {
@@ -463,8 +459,7 @@ class Trainer:
         if complete:  # the next epoch starts from its first batch
             self.epoch, self.batches_done, self.epoch_steps = epoch + 1, 0, 0
             self.epoch_sums.zero_()
-            self.epoch_importance.zero_()
-            self.epoch_assigned.zero_()
+            self.epoch_usage_2E.zero_()
         return record
 
     def train_step(
@@ -492,7 +487,7 @@ class Trainer:
             terms.total = terms.total + self.labels.loss(self.model.cluster_logits(logits), labels)
         if self.engine is not None and self.engine.zero_optimization_stage() > 0:
             finite, stop = self._zero_backward_step(terms.total)
-            return (self._usage(routed, terms) if finite else terms), finite, stop
+            return (self._usage(terms) if finite else terms), finite, stop
         if self.engine is not None:  # DeepSpeed reduces gradients (experts over their group)
             self.engine.backward(terms.total)
         else:
@@ -500,15 +495,10 @@ class Trainer:
             terms.total.backward()
         # One flag tensor, reduced once: [bad on any rank, stop asked on any rank].
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        # A NaN or inf anywhere makes its tensor's sum non-finite: one reduction per tensor
-        # (isfinite().all() costs four elementwise passes; fp32 sums so fp16 cannot overflow).
-        sums = torch.stack(
-            [terms.total.detach().float(), *(g.sum(dtype=torch.float32) for g in grads)]
-        )
-        all_finite = torch.isfinite(sums.sum())
+        found_inf = nonfinite_flag(terms.total, grads)
         if self.deferred:
-            return self._deferred_step(routed, terms, all_finite)
-        bad, stop = self._any_rank(~all_finite)
+            return self._deferred_step(terms, found_inf)
+        bad, stop = self._any_rank(found_inf.bool())
         if bad:  # skip the update everywhere; DeepSpeed alone would not in fp32
             for p in self.model.parameters():
                 p.grad = None
@@ -519,15 +509,12 @@ class Trainer:
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             self.optim.step()
-        return self._usage(routed, terms), True, stop
+        return self._usage(terms), True, stop
 
-    def _deferred_step(
-        self, routed: Routed, terms: LossTerms, finite: torch.Tensor
-    ) -> tuple[LossTerms, bool, bool]:
+    def _deferred_step(self, terms: LossTerms, bad: torch.Tensor) -> tuple[LossTerms, bool, bool]:
         """host_sync=log: the update without a host sync. The fused Adam kernel skips it (and
-        its step count) where found_inf is 1; the skip is counted on the device and reported
-        by _reconcile_skips."""
-        bad = (~finite).float()
+        its step count) where found_inf (`bad`) is 1; the skip is counted on the device and
+        reported by _reconcile_skips."""
         if self.cfg.optim.grad_clip:  # the norm stays on the device
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optim.found_inf = bad  # type: ignore[union-attr]
@@ -535,7 +522,7 @@ class Trainer:
         self.skips_dev[0] += bad
         self.skips_dev[1] = (self.skips_dev[1] + 1) * bad
         terms.applied = 1.0 - bad
-        return self._usage(routed, terms), True, self.stop_signal is not None
+        return self._usage(terms), True, self.stop_signal is not None
 
     def _reconcile_skips(self) -> None:
         """host_sync=log: read the device's skip counters (at logged steps and epoch ends), log
@@ -569,9 +556,9 @@ class Trainer:
         compiles)."""
         routed = self.model.losses(x_BD, self.cfg.loss)
         world = self.par.info.world_size
-        return routed, objective(
-            routed, self.cfg.loss, self.par.sum_over_ranks if world > 1 else None
-        )
+        terms = objective(routed, self.cfg.loss, self.par.sum_over_ranks if world > 1 else None)
+        terms.usage_2E, terms.entropy = manager_usage(routed.logits_BE)
+        return routed, terms
 
     def _any_rank(self, bad: torch.Tensor) -> tuple[bool, bool]:
         """(bad on any rank, stop asked on any rank): one small tensor, reduced once."""
@@ -597,17 +584,12 @@ class Trainer:
         self.engine.step()
         return bool(self.engine.was_step_applied()), stop
 
-    def _usage(self, routed: Any, terms: LossTerms) -> LossTerms:
-        """Adds this step's expert usage to the epoch's statistics and the manager's entropy to
-        `terms` (after an applied step)."""
-        with torch.no_grad():
-            probs_BE = routed.logits_BE.softmax(-1)
-            applied = terms.applied if terms.applied is not None else 1.0
-            self.epoch_importance += probs_BE.sum(0) * applied
-            self.epoch_assigned += (
-                torch.bincount(probs_BE.argmax(-1), minlength=probs_BE.shape[1]).float() * applied
-            )
-            terms.entropy = -(probs_BE * probs_BE.clamp_min(1e-12).log()).sum(-1).mean()
+    def _usage(self, terms: LossTerms) -> LossTerms:
+        """Adds this step's expert usage (computed with its forward) to the epoch's statistics,
+        after an applied step."""
+        assert terms.usage_2E is not None  # _forward_loss fills it
+        applied = terms.applied if terms.applied is not None else 1.0
+        self.epoch_usage_2E += terms.usage_2E * applied
         return terms
 
     def evaluate(self) -> dict[str, Any]:
