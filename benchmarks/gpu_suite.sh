@@ -1,48 +1,99 @@
 #!/usr/bin/env bash
-# Every single-GPU figure of docs/performance.md in one run, for a session with a GPU:
-#   bash benchmarks/gpu_suite.sh [OUT_DIR]      (default gpu_results/; ~15 min on an H100)
-# Each step's command and output go to OUT_DIR/<step>.txt and to the terminal. Written and
-# checked for syntax on a CPU machine; not yet run on a GPU.
-set -euo pipefail
+# Every single-GPU figure of docs/performance.md, on a machine with a CUDA GPU:
+#   bash benchmarks/gpu_suite.sh [OUT_DIR] [PART ...]
+# PART: tests recipe profile train batch topk scaling (default: all of them, in that order).
+# Each part should take under 10 minutes on an H100, so a time-limited session can run them in
+# separate calls. Each step's command line and output go to OUT_DIR/<step>.txt, and one line
+# per step (name, exit code, seconds) to OUT_DIR/summary.txt. A failing step is recorded and
+# the rest still run. Written on a CPU machine: syntax and flag sets checked there, not yet run
+# on a GPU.
+set -uo pipefail
 OUT=${1:-gpu_results}
+shift || true
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests recipe profile train batch topk scaling)
 mkdir -p "$OUT"
+# The installed command, or the package run from this checkout.
+if command -v moe-vae >/dev/null; then MV=(moe-vae); else MV=(python3 -m moe_vae); fi
 # The fast path: compiled step with CUDA graphs, no host sync inside a step, TF32, fused
 # first layer (dense routing only), fused Adam (the default).
 FAST=(--train.compile=reduce-overhead --train.host_sync=log --train.tf32=true)
 DENSE_FAST=("${FAST[@]}" --model.fused_input=true)
-MANY=(--config configs/many_experts.yaml --data.train_limit=null --train.batch_size=4096
-  --model.routing=topk --model.top_k=1)
+# The many-experts shapes at batch 4096 on the whole training set.
+MANY=(--config configs/many_experts.yaml --data.train_limit=null --train.batch_size=4096)
+TOP1=(--model.routing=topk --model.top_k=1)
+# Wall-clock runs track to the JSON-lines file only: W&B's start-up is not the trainer's time.
+RUN=(--output.dir="$OUT/runs" --quiet --track.wandb=disabled)
 
-step() {  # step NAME COMMAND...: run it, keep the command line and its output
-  local name=$1; shift
-  echo "\$ $*" | tee "$OUT/$name.txt"
-  "$@" 2>&1 | tee -a "$OUT/$name.txt"
+step() {  # step NAME COMMAND...: run it, keep its command line, output, exit code and time
+  local name=$1 t0=$SECONDS rc
+  shift
+  { echo "\$ $*"; "$@"; } 2>&1 | tee "$OUT/$name.txt"
+  rc=${PIPESTATUS[0]}
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
 }
 
-step device nvidia-smi
-# 1. Founding recipe (E=10, batch 100): eager and fast path, each beside the naive loop.
-step recipe_eager moe-vae bench --steps 300 --repeats 5
-step recipe_fast moe-vae bench --steps 300 --repeats 5 "${DENSE_FAST[@]}"
-step recipe_fast_bf16 moe-vae bench --steps 300 --repeats 5 "${DENSE_FAST[@]}" \
-  --train.precision=bf16
-# 2. Kernels and time per phase, eager and fast.
-step profile_eager moe-vae bench --no-baseline --steps 50 --repeats 1 --profile 20
-step profile_fast moe-vae bench --no-baseline --steps 50 --repeats 1 --profile 20 "${DENSE_FAST[@]}"
-# 3. The whole recipe, 100 epochs, wall clock and accuracy: eager, then fast.
-step train_eager /usr/bin/time -v moe-vae train --config configs/mnist_seed.yaml \
-  --output.dir="$OUT/runs" --output.name=eager --quiet
-step train_fast /usr/bin/time -v moe-vae train --config configs/mnist_seed.yaml \
-  --output.dir="$OUT/runs" --output.name=fast --quiet "${DENSE_FAST[@]}"
-# 4. Batch 4096: samples/s (target >= 5M).
-step batch4096 moe-vae bench --no-baseline --steps 200 --repeats 3 --train.batch_size=4096 \
-  "${DENSE_FAST[@]}"
-step batch4096_bf16 moe-vae bench --no-baseline --steps 200 --repeats 3 \
-  --train.batch_size=4096 "${DENSE_FAST[@]}" --train.precision=bf16
-# 5. Top-1 routing, 16 vs 1024 experts, batched and grouped GEMM (target: 1024 >= 50% of 16).
-for gemm in batched grouped; do
-  for experts in 16 1024; do
-    step "topk_${experts}_${gemm}" moe-vae bench --no-baseline --steps 100 --repeats 3 \
-      "${MANY[@]}" --model.num_experts="$experts" --model.expert_gemm="$gemm" "${FAST[@]}"
+part_tests() {  # the device, and the CUDA-only tests (CUDA graphs, sync rule, bf16 kernels)
+  step device nvidia-smi
+  step versions python3 -c "import torch; print(torch.__version__, torch.version.cuda,
+torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+  step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/gpu
+}
+
+part_recipe() {  # founding recipe (E=10, batch 100): eager and fast path beside the naive loop
+  step recipe_eager "${MV[@]}" bench --steps 300 --repeats 5
+  step recipe_fast "${MV[@]}" bench --steps 300 --repeats 5 "${DENSE_FAST[@]}"
+  step recipe_fast_bf16 "${MV[@]}" bench --steps 300 --repeats 5 "${DENSE_FAST[@]}" \
+    --train.precision=bf16
+}
+
+part_profile() {  # kernels and time per phase, eager and fast
+  step profile_eager "${MV[@]}" bench --no-baseline --steps 50 --repeats 1 --profile 20
+  step profile_fast "${MV[@]}" bench --no-baseline --steps 50 --repeats 1 --profile 20 \
+    "${DENSE_FAST[@]}"
+}
+
+part_train() {  # the whole recipe, 100 epochs: final loss and accuracy; wall clock (summary)
+  # includes start-up, data loading, compilation and the final evaluation
+  step train_eager "${MV[@]}" train --config configs/mnist_seed.yaml \
+    "${RUN[@]}" --output.name=eager
+  step train_fast "${MV[@]}" train --config configs/mnist_seed.yaml \
+    "${RUN[@]}" --output.name=fast "${DENSE_FAST[@]}"
+}
+
+part_batch() {  # founding recipe's model at batch 4096: samples/s (target >= 5M)
+  step batch4096 "${MV[@]}" bench --no-baseline --steps 200 --repeats 3 \
+    --train.batch_size=4096 "${DENSE_FAST[@]}"
+  step batch4096_bf16 "${MV[@]}" bench --no-baseline --steps 200 --repeats 3 \
+    --train.batch_size=4096 "${DENSE_FAST[@]}" --train.precision=bf16
+}
+
+part_topk() {  # top-1, 16 vs 1024 experts, both GEMM layouts (target: 1024 >= 50 % of 16)
+  local gemm experts
+  for gemm in batched grouped; do
+    for experts in 16 1024; do
+      step "topk_${experts}_${gemm}" "${MV[@]}" bench --no-baseline --steps 100 --repeats 3 \
+        "${MANY[@]}" "${TOP1[@]}" --model.num_experts="$experts" --model.expert_gemm="$gemm" \
+        "${FAST[@]}"
+    done
   done
+}
+
+part_scaling() {  # the inputs of benchmarks/scaling_model.py: 256 experts, dense and top-1
+  step scaling_dense "${MV[@]}" bench --no-baseline --steps 50 --repeats 3 "${MANY[@]}" \
+    "${FAST[@]}"
+  step scaling_top1 "${MV[@]}" bench --no-baseline --steps 100 --repeats 3 "${MANY[@]}" \
+    "${TOP1[@]}" --model.expert_gemm=batched "${FAST[@]}"
+}
+
+for part in "${PARTS[@]}"; do
+  if ! declare -F "part_$part" >/dev/null; then
+    echo "gpu_suite.sh: unknown part '$part' (expected: tests recipe profile train batch" \
+      "topk scaling)" >&2
+    exit 2
+  fi
 done
-echo "results in $OUT/"
+for part in "${PARTS[@]}"; do
+  "part_$part"
+done
+echo "results in $OUT/ (summary: $OUT/summary.txt)"

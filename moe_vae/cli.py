@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
     bench.add_argument("--no-baseline", action="store_true", help="time ours only")
     bench.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    bench.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -315,7 +318,7 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     from moe_vae.bench.naive import unsupported
     from moe_vae.bench.profile import format_profile
     from moe_vae.bench.run import format_table, run_bench
-    from moe_vae.config.load import load_config
+    from moe_vae.config.load import config_to_yaml, load_config
 
     cfg = load_config(args.config, overrides)
     if args.warmup < 0:
@@ -325,6 +328,9 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
         raise MoeVaeError(f"{reason}: pass --no-baseline")
     if args.profile < 0:
         raise MoeVaeError(f"--profile {args.profile}: expected 0 (none) or a number of steps")
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
     rows, device, profile = run_bench(
         cfg, args.steps, args.warmup, args.repeats, not args.no_baseline, args.profile
     )
