@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 def gaussian_nll(x_BD: torch.Tensor, x_logits_EBD: torch.Tensor, std: float) -> torch.Tensor:
     """−log N(x; sigmoid(logits), std² I), summed over pixels: [E, B]."""
     mean_EBD = torch.sigmoid(x_logits_EBD)
-    # Scaled after the sum: one elementwise pass fewer over [E, B, D] (forward and backward).
-    sq_EB = (x_BD - mean_EBD).square().sum(-1)
+    # mse_loss: the squared difference is one kernel forward and one backward, where
+    # (x - mean).square() is two and three (sub, pow; pow's backward, neg). Scaled after the
+    # sum: one elementwise pass fewer over [E, B, D].
+    sq_EB = F.mse_loss(mean_EBD, x_BD.expand_as(mean_EBD), reduction="none").sum(-1)
     d = x_BD.shape[-1]
     return (0.5 / std**2) * sq_EB + d * (math.log(std) + 0.5 * math.log(2 * math.pi))
 
