@@ -15,10 +15,14 @@ PARTS=("$@")
 mkdir -p "$OUT"
 # The installed command, or the package run from this checkout.
 if command -v moe-vae >/dev/null; then MV=(moe-vae); else MV=(python3 -m moe_vae); fi
-# The fast path: compiled step with CUDA graphs, no host sync inside a step, TF32, fused
-# first layer (dense routing only), fused Adam (the default).
+# The fast path, two ways. FAST: torch.compile's CUDA graphs of forward and backward. GRAPH:
+# the whole step (with Adam and the batch gather) as one CUDA graph over a compiled forward.
+# Both: no host sync inside a step, TF32, fused Adam (the default); dense routing adds the
+# fused first layer.
 FAST=(--train.compile=reduce-overhead --train.host_sync=log --train.tf32=true)
+GRAPH=(--train.cuda_graph=true --train.compile=default --train.host_sync=log --train.tf32=true)
 DENSE_FAST=("${FAST[@]}" --model.fused_input=true)
+DENSE_GRAPH=("${GRAPH[@]}" --model.fused_input=true)
 # The many-experts shapes at batch 4096 on the whole training set.
 MANY=(--config configs/many_experts.yaml --data.train_limit=null --train.batch_size=4096)
 TOP1=(--model.routing=topk --model.top_k=1)
@@ -43,7 +47,8 @@ torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
 part_recipe() {  # founding recipe (E=10, batch 100): eager and fast path beside the naive loop
   step recipe_eager "${MV[@]}" bench --steps 300 --repeats 5
   step recipe_fast "${MV[@]}" bench --steps 300 --repeats 5 "${DENSE_FAST[@]}"
-  step recipe_fast_bf16 "${MV[@]}" bench --steps 300 --repeats 5 "${DENSE_FAST[@]}" \
+  step recipe_graph "${MV[@]}" bench --steps 300 --repeats 5 "${DENSE_GRAPH[@]}"
+  step recipe_graph_bf16 "${MV[@]}" bench --steps 300 --repeats 5 "${DENSE_GRAPH[@]}" \
     --train.precision=bf16
 }
 
@@ -51,6 +56,8 @@ part_profile() {  # kernels and time per phase, eager and fast
   step profile_eager "${MV[@]}" bench --no-baseline --steps 50 --repeats 1 --profile 20
   step profile_fast "${MV[@]}" bench --no-baseline --steps 50 --repeats 1 --profile 20 \
     "${DENSE_FAST[@]}"
+  step profile_graph "${MV[@]}" bench --no-baseline --steps 50 --repeats 1 --profile 20 \
+    "${DENSE_GRAPH[@]}"
 }
 
 part_train() {  # the whole recipe, 100 epochs: final loss and accuracy; wall clock (summary)
@@ -59,13 +66,17 @@ part_train() {  # the whole recipe, 100 epochs: final loss and accuracy; wall cl
     "${RUN[@]}" --output.name=eager
   step train_fast "${MV[@]}" train --config configs/mnist_seed.yaml \
     "${RUN[@]}" --output.name=fast "${DENSE_FAST[@]}"
+  step train_graph "${MV[@]}" train --config configs/mnist_seed.yaml \
+    "${RUN[@]}" --output.name=graph "${DENSE_GRAPH[@]}"
 }
 
 part_batch() {  # founding recipe's model at batch 4096: samples/s (target >= 5M)
   step batch4096 "${MV[@]}" bench --no-baseline --steps 200 --repeats 3 \
     --train.batch_size=4096 "${DENSE_FAST[@]}"
-  step batch4096_bf16 "${MV[@]}" bench --no-baseline --steps 200 --repeats 3 \
-    --train.batch_size=4096 "${DENSE_FAST[@]}" --train.precision=bf16
+  step batch4096_graph "${MV[@]}" bench --no-baseline --steps 200 --repeats 3 \
+    --train.batch_size=4096 "${DENSE_GRAPH[@]}"
+  step batch4096_graph_bf16 "${MV[@]}" bench --no-baseline --steps 200 --repeats 3 \
+    --train.batch_size=4096 "${DENSE_GRAPH[@]}" --train.precision=bf16
 }
 
 part_topk() {  # top-1, 16 vs 1024 experts, both GEMM layouts (target: 1024 >= 50 % of 16)
@@ -74,16 +85,16 @@ part_topk() {  # top-1, 16 vs 1024 experts, both GEMM layouts (target: 1024 >= 5
     for experts in 16 1024; do
       step "topk_${experts}_${gemm}" "${MV[@]}" bench --no-baseline --steps 100 --repeats 3 \
         "${MANY[@]}" "${TOP1[@]}" --model.num_experts="$experts" --model.expert_gemm="$gemm" \
-        "${FAST[@]}"
+        "${GRAPH[@]}"
     done
   done
 }
 
 part_scaling() {  # the inputs of benchmarks/scaling_model.py: 256 experts, dense and top-1
   step scaling_dense "${MV[@]}" bench --no-baseline --steps 50 --repeats 3 "${MANY[@]}" \
-    "${FAST[@]}"
+    "${GRAPH[@]}"
   step scaling_top1 "${MV[@]}" bench --no-baseline --steps 100 --repeats 3 "${MANY[@]}" \
-    "${TOP1[@]}" --model.expert_gemm=batched "${FAST[@]}"
+    "${TOP1[@]}" --model.expert_gemm=batched "${GRAPH[@]}"
 }
 
 for part in "${PARTS[@]}"; do

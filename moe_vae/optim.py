@@ -10,10 +10,13 @@ import torch
 from moe_vae.config.schema import OptimConfig
 
 
-def build_adam(params: Iterable[Any], cfg: OptimConfig) -> torch.optim.Adam:
+def build_adam(
+    params: Iterable[Any], cfg: OptimConfig, capturable: bool = False
+) -> torch.optim.Adam:
     """Adam with the config's hyper-parameters. `optim.impl` picks torch's implementation (the
     same algorithm): fused (one kernel over all parameters, CPU and CUDA), foreach (a few
-    multi-tensor kernels) or loop (one set of kernels per parameter, torch's CPU default)."""
+    multi-tensor kernels) or loop (one set of kernels per parameter, torch's CPU default).
+    `capturable`: its step counts stay on the device, so a CUDA graph can record the step."""
     impl: dict[str, Any] = {
         "fused": {"fused": True},
         "foreach": {"foreach": True},
@@ -25,6 +28,7 @@ def build_adam(params: Iterable[Any], cfg: OptimConfig) -> torch.optim.Adam:
         betas=(cfg.betas[0], cfg.betas[1]),
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
+        capturable=capturable,
         **impl,
     )
 

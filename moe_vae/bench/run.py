@@ -23,6 +23,7 @@ import torch
 from moe_vae.bench.naive import NaiveMixture
 from moe_vae.bench.profile import StepProfile, profile_steps
 from moe_vae.config.schema import Config
+from moe_vae.data.loaders import InMemoryLoader
 from moe_vae.evaluate.evaluator import to_inputs
 
 
@@ -85,12 +86,20 @@ def ours(cfg: Config, stack: ExitStack) -> tuple[Contender, torch.device]:
     loader, device = trainer.data.train, trainer.device
     epoch = iter(range(1, 10**9))
 
+    graph = trainer.step_graph  # train.cuda_graph: its steps take sample indices
+
     def batches() -> Iterator[torch.Tensor]:
+        if graph is not None:
+            assert isinstance(loader, InMemoryLoader)  # the trainer checked
+            yield from loader.epoch_plan(next(epoch)).to(device)
+            return
         for batch in loader.epoch_batches(next(epoch)):
             yield to_inputs(batch.images.to(device, non_blocking=True))
 
-    def step(x_BD: torch.Tensor) -> torch.Tensor:
-        terms, _, _ = trainer.train_step(x_BD)
+    def step(x: torch.Tensor) -> torch.Tensor:
+        if graph is not None:
+            return graph(x)[0]  # the step's total loss
+        terms, _, _ = trainer.train_step(x)
         return terms.total.detach()
 
     return Contender("moe-vae", step, _forever(batches), loader.steps_in_epoch(1)), device

@@ -170,6 +170,11 @@ class TrainConfig(Section):
     # device: a non-finite step is skipped inside the fused Adam kernel and reported, and
     # max_nonfinite_in_row checked, at the next logged step. One process, plain engine, fused Adam.
     host_sync: Literal["step", "log"] = "step"
+    # The whole step (batch gather, forward, backward, finite check, Adam, the epoch's sums)
+    # recorded once as a CUDA graph and replayed: one launch per step. Needs host_sync=log,
+    # compile none or default, in-memory data, and no per-step host input (labels, warm start,
+    # revival). On a CPU the same step runs without a graph.
+    cuda_graph: bool = False
     # TF32 tensor cores for fp32 matmuls and convolutions on NVIDIA GPUs (no effect on a CPU).
     tf32: bool = False
     # Stop after this many optimizer steps (smoke tests); null = run every epoch to the end.
@@ -305,6 +310,50 @@ class TrackConfig(Section):
         return data
 
 
+def _cuda_graph_fits(cfg: Config) -> None:
+    """train.cuda_graph records one step and replays it: nothing in it may wait for the host or
+    take a new input from it."""
+    loss = cfg.loss
+    needs = [
+        (
+            cfg.train.host_sync != "log",
+            "train.host_sync=log (a recorded step cannot wait for the host)",
+        ),
+        (
+            cfg.train.compile not in ("none", "default"),
+            f"train.compile none or default "
+            f"(train.compile={cfg.train.compile} records CUDA graphs of its own)",
+        ),
+        (cfg.optim.impl != "fused", "optim.impl=fused (its kernel skips a non-finite step)"),
+        (
+            cfg.model.routing == "topk" and cfg.model.capacity_factor == 0,
+            "a fixed top-k capacity (model.capacity_factor > 0): dropless top-k reads its "
+            "capacity back every step",
+        ),
+        (
+            cfg.data.loader == "stream",
+            "in-memory training data (data.loader: memory or auto), "
+            "not batches streamed by the host",
+        ),
+        (
+            loss.label_fraction > 0 or loss.labelled_keys is not None or loss.labelled_batch > 0,
+            "no labels (loss.label_fraction, loss.labelled_keys, loss.labelled_batch): their "
+            "targets are looked up on the host every step",
+        ),
+        (
+            cfg.warm_start.method != "none",
+            "warm_start.method=none: its pseudo-labels are looked up on the host every step",
+        ),
+        (
+            cfg.train.revive_dead_experts,
+            "train.revive_dead_experts=false: revival replaces tensors the recorded step points to",
+        ),
+    ]
+    for broken, need in needs:
+        if broken:
+            raise ValueError(f"train.cuda_graph needs {need}")
+
+
 class Config(Section):
     @model_validator(mode="after")
     def _auto_resume_needs_a_name(self) -> Config:
@@ -318,6 +367,8 @@ class Config(Section):
                 "train.revive_dead_experts is not supported with model.fused_input (revival "
                 "copies expert parameters, and the fused layer holds the experts' first layers)"
             )
+        if self.train.cuda_graph:
+            _cuda_graph_fits(self)
         if self.train.resume == "auto" and not self.output.name:
             raise ValueError(
                 "train.resume=auto needs output.name: the run directory to resume from"

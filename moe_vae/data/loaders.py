@@ -96,12 +96,16 @@ class InMemoryLoader:
     def steps_in_epoch(self, epoch: int) -> int:
         return len(self.images) // (self.world_size * self.batch_size)
 
-    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+    def epoch_plan(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices of epoch `epoch`, one row per step: [steps, B] (CPU)."""
         B, steps = self.batch_size, self.steps_in_epoch(epoch)
         gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         mine = torch.randperm(len(self.images), generator=gen)[self.rank :: self.world_size]
-        for i in range(skip, steps):
-            idx = mine[i * B : (i + 1) * B]  # on the CPU: no device sync to look up keys
+        return mine[: steps * B].view(steps, B)
+
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        for idx in self.epoch_plan(epoch)[skip:]:
+            # Keys are looked up by the CPU copy of the indices: no device sync.
             dev_idx = idx.to(self.images.device, non_blocking=True)
             yield Batch(self.images[dev_idx], self.labels[dev_idx], self.keys[idx.numpy()].tolist())
 

@@ -16,6 +16,7 @@ import threading
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ from moe_vae.train.checkpoint import (
 from moe_vae.train.labels import LabelPolicy, manager_cross_entropy
 from moe_vae.train.revival import collapse_message, pick_pairs, revive
 from moe_vae.train.run_dir import check_output_dir, prepare_run_dir
+from moe_vae.train.step_graph import StepGraph
 from moe_vae.train.warm_start import ClusterAnchor, cached_clusters
 
 STEP_KEYS = (
@@ -168,10 +170,22 @@ class Trainer:
                 "optim.impl=fused (the fused Adam kernel is what skips a non-finite step)"
             )
         self.skips_dev = torch.zeros(2, device=self.device)  # host_sync=log: [skipped, in a row]
+        self.step_graph: StepGraph | None = None
+        if cfg.train.cuda_graph:
+            if not isinstance(self.data.train, InMemoryLoader):
+                raise MoeVaeError(
+                    "train.cuda_graph needs the training data in memory, but it does not fit "
+                    "data.memory_limit_mb and is streamed: raise the limit or turn cuda_graph off"
+                )
+            self.step_graph = StepGraph(self._recorded_step, cfg.train.batch_size, self.device)
         self.optim = (
             self.engine.optimizer
             if self.engine is not None
-            else build_adam(self.model.parameters(), cfg.optim)
+            else build_adam(
+                self.model.parameters(),
+                cfg.optim,
+                capturable=cfg.train.cuda_graph and self.device.type == "cuda",
+            )
         )
         if world > 1:  # ranks draw their own latent noise (their experts and inputs differ)
             torch.manual_seed(cfg.train.seed * 7919 + rank + 1)
@@ -335,42 +349,15 @@ class Trainer:
             leave=False,
             file=sys.stdout,
         )
-        for batch in loader.epoch_batches(epoch, skip=self.batches_done):
-            x_BD = to_inputs(batch.images.to(self.device, non_blocking=True))
-            targets_B = None
-            if self.labels.active:
-                targets_B = self.labels.targets(batch.keys, batch.labels.to(self.device))
-            anchor = None
-            if self.anchor is not None and self.anchor.weight(epoch) > 0:
-                anchor = (self.anchor.targets(batch.keys, self.device), self.anchor.weight(epoch))
-            terms, finite, stop = self.train_step(x_BD, targets_B, anchor)
+        for values, stop in self._steps(epoch):
             self.step += 1
             self.batches_done += 1
             self.epoch_steps += 1
             bar.update()
-            if not finite:
+            if values is None:
                 self._record_skips(1, self.nonfinite_in_row + 1)
                 continue
             self.nonfinite_in_row = 0
-            dropped = (
-                terms.dropped / (len(x_BD) * cfg.model.top_k)
-                if terms.dropped is not None
-                else terms.total.new_zeros(())
-            )
-            assert terms.entropy is not None  # train_step always fills it
-            values = torch.stack(
-                [
-                    terms.total,
-                    terms.expected,
-                    terms.balancing,
-                    terms.mixture,
-                    dropped,
-                    terms.entropy,
-                ]
-            )
-            if terms.applied is not None:  # host_sync=log: a skipped step adds nothing
-                values = torch.where(terms.applied > 0, values, torch.zeros_like(values))
-            self.epoch_sums += values.detach()
             if self.step % cfg.train.log_every == 0 or self.epoch_steps == steps_before + 1:
                 # Loader workers exist only while the epoch streams: sample them now.
                 memory = resident_memory_mb()
@@ -462,6 +449,48 @@ class Trainer:
             self.epoch_usage_2E.zero_()
         return record
 
+    def _steps(self, epoch: int) -> Iterator[tuple[torch.Tensor | None, bool]]:
+        """Runs the rest of epoch `epoch` step by step: per step (its values of STEP_KEYS, None
+        if it was skipped as non-finite; stop asked)."""
+        if self.step_graph is not None:
+            assert isinstance(self.data.train, InMemoryLoader)
+            plan = self.data.train.epoch_plan(epoch).to(self.device)  # one copy per epoch
+            for i in range(self.batches_done, len(plan)):
+                yield self.step_graph(plan[i]), self.stop_signal is not None
+            return
+        for batch in self.data.train.epoch_batches(epoch, skip=self.batches_done):
+            x_BD = to_inputs(batch.images.to(self.device, non_blocking=True))
+            targets_B = None
+            if self.labels.active:
+                targets_B = self.labels.targets(batch.keys, batch.labels.to(self.device))
+            anchor = None
+            if self.anchor is not None and self.anchor.weight(epoch) > 0:
+                anchor = (self.anchor.targets(batch.keys, self.device), self.anchor.weight(epoch))
+            terms, finite, stop = self.train_step(x_BD, targets_B, anchor)
+            yield (self._accumulate(terms, len(x_BD)) if finite else None), stop
+
+    def _recorded_step(self, idx_B: torch.Tensor) -> torch.Tensor:
+        """train.cuda_graph's step, from the samples' indices to the step's values."""
+        assert isinstance(self.data.train, InMemoryLoader)
+        terms, _, _ = self.train_step(to_inputs(self.data.train.images[idx_B]))
+        return self._accumulate(terms, len(idx_B))
+
+    def _accumulate(self, terms: LossTerms, batch: int) -> torch.Tensor:
+        """The step's values of STEP_KEYS, added to the epoch's sums (on the device)."""
+        dropped = (
+            terms.dropped / (batch * self.cfg.model.top_k)
+            if terms.dropped is not None
+            else terms.total.new_zeros(())
+        )
+        assert terms.entropy is not None  # _forward_loss always fills it
+        values = torch.stack(
+            [terms.total, terms.expected, terms.balancing, terms.mixture, dropped, terms.entropy]
+        ).detach()
+        if terms.applied is not None:  # host_sync=log: a skipped step adds nothing
+            values = torch.where(terms.applied > 0, values, torch.zeros_like(values))
+        self.epoch_sums += values
+        return values
+
     def train_step(
         self,
         x_BD: torch.Tensor,
@@ -473,7 +502,13 @@ class Trainer:
         elsewhere), semi-supervised only; `anchor`: the warm start's (pseudo-labels, weight).
         Returns (terms, finite, stop requested)."""
         cfg = self.cfg
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16_autocast):
+        # Autocast's cache of bf16 weights would outlive a recorded step: off under cuda_graph.
+        with torch.autocast(
+            self.device.type,
+            torch.bfloat16,
+            enabled=self.bf16_autocast,
+            cache_enabled=not self.cfg.train.cuda_graph,
+        ):
             routed, terms = self.forward_loss(x_BD)
         terms.dropped = routed.dropped
         clusters_BC = self.model.cluster_logits(routed.logits_BE)  # labels name top-level experts

@@ -31,22 +31,34 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+# The two ways to CUDA graphs: torch.compile's (forward and backward), and ours (the whole
+# step, here over a compiled forward).
+GRAPHS = {
+    "reduce-overhead": ["--train.compile=reduce-overhead"],
+    "whole-step": ["--train.cuda_graph=true", "--train.compile=default"],
+    "whole-step-eager": ["--train.cuda_graph=true"],
+}
+
+
+@pytest.mark.parametrize("graphs", GRAPHS)
 @pytest.mark.parametrize("switch", SWITCHES)
-def test_cuda_graph_step_matches_eager(train_steps, switch):
+def test_cuda_graph_step_matches_eager(train_steps, switch, graphs):
+    """12 steps: the whole-step graph warms up for 3, records the 4th, replays the rest, and
+    the tiny config's epoch ends at 10 (evaluation between replays)."""
     extra = SWITCHES[switch]
-    eager, w_eager = train_steps(f"eager-{switch}", CUDA, *extra, steps=8)
+    eager, w_eager = train_steps(f"eager-{switch}", CUDA, *extra, steps=12)
     with torch._inductor.config.patch(fallback_random=True):  # eager's noise
         graphed, w_graphed = train_steps(
             f"graphed-{switch}",
             CUDA,
             *extra,
-            "--train.compile=reduce-overhead",
+            *GRAPHS[graphs],
             "--train.host_sync=log",
-            steps=8,
+            steps=12,
         )
     # Different kernels (and, grouped, bf16 both ways with different rounding).
     rel = 1e-2 if "grouped" in switch else 1e-3
-    assert len(eager) == 8
+    assert len(eager) == 12
     assert graphed == pytest.approx(eager, rel=rel)
     for name, w in w_eager.items():
         torch.testing.assert_close(w_graphed[name], w, rtol=1e-2, atol=1e-2, msg=name)
@@ -86,3 +98,22 @@ def test_grouped_gemm_matches_batched_on_cuda(train_steps):
     batched, _ = train_steps("batched", CUDA, *topk, "--model.expert_gemm=batched")
     grouped, _ = train_steps("grouped", CUDA, *topk, "--model.expert_gemm=grouped")
     assert grouped == pytest.approx(batched, rel=2e-2)  # the grouped kernel runs in bf16
+
+
+def test_whole_step_graph_is_recorded_and_replayed(tmp_path, monkeypatch, repo):
+    monkeypatch.chdir(repo)
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            f"--output.dir={tmp_path}",
+            CUDA,
+            "--train.host_sync=log",
+            "--train.cuda_graph=true",
+            "--train.max_steps=8",
+            "--track.wandb=disabled",
+        ],
+    )
+    trainer = Trainer(cfg, quiet=True)
+    trainer.fit()
+    assert trainer.step_graph is not None and trainer.step_graph.graph is not None
+    assert trainer.step_graph.eager_calls == 3  # then recorded at step 4, replayed to step 8

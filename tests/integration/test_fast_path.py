@@ -59,6 +59,20 @@ def test_compiled_step_matches_eager(train_steps, routing, gemm, fused):
         torch.testing.assert_close(w_compiled[name], w, rtol=1e-3, atol=atol, msg=name)
 
 
+@pytest.mark.parametrize("routing", ["dense", "topk"])
+def test_cuda_graph_step_is_the_same_step(train_steps, routing):
+    """train.cuda_graph's step (batch gathered on the device from the epoch's plan, the sums
+    kept inside the step) is the plain host_sync=log step, exactly: 12 steps cross the tiny
+    config's epoch of 10. On a CPU no graph is recorded; tests/gpu records one."""
+    extra = [f"--model.routing={routing}", "--train.host_sync=log"]
+    plain, w_plain = train_steps(f"plain-{routing}", *extra, steps=12)
+    graph, w_graph = train_steps(f"graph-{routing}", *extra, "--train.cuda_graph=true", steps=12)
+    assert len(plain) == 12
+    assert graph == plain
+    for name, w in w_plain.items():
+        torch.testing.assert_close(w_graph[name], w, rtol=0, atol=0, msg=name)
+
+
 def test_bf16_autocast_in_one_process(train_steps):
     fp32, w32 = train_steps("fp32")
     bf16, w16 = train_steps("bf16", "--train.precision=bf16")

@@ -120,3 +120,33 @@ def test_best_recipe_is_the_founding_model_with_a_warm_start():
     assert best.loss == seed.loss.model_copy(update={"objective": "mixture"})
     assert best.warm_start.method == "cluster" and best.warm_start.weight == 100.0
     assert best.loss.label_fraction == 0 and best.loss.labelled_keys is None  # unsupervised
+
+
+GRAPH = ["--train.cuda_graph=true", "--train.host_sync=log"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["--train.cuda_graph=true"], r"train\.cuda_graph needs train\.host_sync=log"),
+        ([*GRAPH, "--train.compile=reduce-overhead"], r"needs train\.compile none or default"),
+        ([*GRAPH, "--optim.impl=foreach"], r"needs optim\.impl=fused"),
+        (
+            [*GRAPH, "--model.routing=topk", "--model.capacity_factor=0"],
+            r"needs a fixed top-k capacity",
+        ),
+        ([*GRAPH, "--data.loader=stream"], r"needs in-memory training data"),
+        ([*GRAPH, "--loss.label_fraction=0.1"], r"needs no labels"),
+        ([*GRAPH, "--warm_start.method=cluster"], r"needs warm_start\.method=none"),
+        ([*GRAPH, "--train.revive_dead_experts=true"], r"revive_dead_experts=false"),
+    ],
+)
+def test_cuda_graph_names_what_it_needs(overrides, expected):
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_config(None, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_cuda_graph_with_what_it_needs_validates():
+    cfg = load_config(None, [*GRAPH, "--train.compile=default", "--model.routing=topk"])
+    assert cfg.train.cuda_graph

@@ -44,7 +44,7 @@ def test_every_step_resolves_its_config(tmp_path):
     proc = _suite(tmp_path, f'exec "{real}" "$@" --print-config', *PARTS)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = _summary(tmp_path)
-    assert len(summary) == 15
+    assert len(summary) == 19
     assert summary == dict.fromkeys(summary, 0), proc.stdout[-3000:]
     out = tmp_path / "out"
     fast = (out / "recipe_fast.txt").read_text()
@@ -52,14 +52,24 @@ def test_every_step_resolves_its_config(tmp_path):
     grouped = (out / "topk_1024_grouped.txt").read_text()
     assert "num_experts: 1024" in grouped and "expert_gemm: grouped" in grouped
     assert "batch_size: 4096" in grouped and "routing: topk" in grouped
-    assert "precision: bf16" in (out / "batch4096_bf16.txt").read_text()
+    assert "precision: bf16" in (out / "batch4096_graph_bf16.txt").read_text()
+    assert "cuda_graph: true" in (out / "train_graph.txt").read_text()
 
 
 def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path):
     proc = _suite(tmp_path, "echo broken >&2; exit 3", "recipe", "profile")
     assert proc.returncode == 0
     assert _summary(tmp_path) == dict.fromkeys(
-        ["recipe_eager", "recipe_fast", "recipe_fast_bf16", "profile_eager", "profile_fast"], 3
+        [
+            "recipe_eager",
+            "recipe_fast",
+            "recipe_graph",
+            "recipe_graph_bf16",
+            "profile_eager",
+            "profile_fast",
+            "profile_graph",
+        ],
+        3,
     )
     assert "broken" in (tmp_path / "out" / "recipe_fast.txt").read_text()
 
