@@ -68,6 +68,8 @@ part_train() {  # the whole recipe, 100 epochs: final loss and accuracy; wall cl
     "${RUN[@]}" --output.name=fast "${DENSE_FAST[@]}"
   step train_graph "${MV[@]}" train --config configs/mnist_seed.yaml \
     "${RUN[@]}" --output.name=graph "${DENSE_GRAPH[@]}"
+  step compare python3 benchmarks/compare_runs.py "$OUT/runs/eager" "$OUT/runs/fast" \
+    "$OUT/runs/graph"
 }
 
 part_batch() {  # founding recipe's model at batch 4096: samples/s (target >= 5M)

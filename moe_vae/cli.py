@@ -298,6 +298,15 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _report(cfg: Any, result: Any) -> None:
     ev = result.final_eval
+    # The training loop's own time (also of epochs before a resume): no start-up, compilation
+    # or final evaluation.
+    seconds = sum(r["epoch_seconds"] for r in result.epochs)
+    samples = sum(r["samples_per_second"] * r["epoch_seconds"] for r in result.epochs)
+    if seconds > 0:
+        print(
+            f"trained {len(result.epochs)} epochs in {seconds:.1f} s: "
+            f"{samples / seconds:,.0f} samples/s"
+        )
     if "accuracy" in ev:
         print(
             f"test clustering accuracy {ev['accuracy']:.4f}  NMI {ev['nmi']:.4f}  "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,9 @@ def test_readme_train_command_on_tiny_config(tmp_path):
     run = out_dir / "t"
     assert f"results in {run}" in proc.stdout
     assert "test clustering accuracy" in proc.stdout
+    # tiny.yaml: 2 epochs of 500 samples; the rate is the loop's own
+    trained = re.search(r"trained 2 epochs in ([\d.]+) s: ([\d,]+) samples/s", proc.stdout)
+    assert trained and float(trained[1]) > 0 and int(trained[2].replace(",", "")) > 0
 
     for name in (
         "config.yaml",
