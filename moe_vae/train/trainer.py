@@ -341,6 +341,7 @@ class Trainer:
         cfg, B, loader = self.cfg, self.cfg.train.batch_size, self.data.train
         t0, steps_before = time.perf_counter(), self.epoch_steps
         children_peak = 0.0
+        streamed = not isinstance(loader, InMemoryLoader)
         bar = tqdm(
             total=loader.steps_in_epoch(epoch),
             initial=self.batches_done,
@@ -358,8 +359,10 @@ class Trainer:
                 self._record_skips(1, self.nonfinite_in_row + 1)
                 continue
             self.nonfinite_in_row = 0
-            if self.step % cfg.train.log_every == 0 or self.epoch_steps == steps_before + 1:
-                # Loader workers exist only while the epoch streams: sample them now.
+            first = self.epoch_steps == steps_before + 1
+            if first or (streamed and self.step % cfg.train.log_every == 0):
+                # Loader workers exist only while the epoch streams: sample them now (at every
+                # logged step if they stream; ~1 ms a sample, which a 60k-step GPU run feels).
                 memory = resident_memory_mb()
                 children_peak = max(children_peak, memory["memory/children_uss_mb"])
             if self.step % cfg.train.log_every == 0:
