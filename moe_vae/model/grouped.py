@@ -61,9 +61,12 @@ def pack_grouped(
     # No bincount or boolean indexing: both are host syncs on a GPU.
     kept_E = torch.zeros(E, dtype=e_P.dtype, device=e_P.device)
     kept_E.scatter_add_(0, e_P, kept_P.to(e_P.dtype))
-    size_E = (kept_E + align - 1) // align * align
+    # Every group gets at least `align` rows: an expert with no input would make a group of 0
+    # rows, a K=0 GEMM in the weight gradient, which CUDA's grouped kernel is reported to hang
+    # on (pytorch/pytorch#152668). Sum of sizes <= P + E * align: R never runs short.
+    size_E = ((kept_E + align - 1) // align).clamp_min(1) * align
     end_E = torch.cumsum(size_E, 0)
-    R = _round_up(B * K + E * (align - 1), align)
+    R = _round_up(B * K + E * align, align)
     row_P = (end_E - size_E)[e_P] + slot_P
     b_P = torch.arange(B * K, device=x_BD.device) // K  # input of each pair, k-minor
     rows_P = torch.where(kept_P, row_P, R)  # dropped pairs go to a spare row, cut off below
@@ -72,8 +75,9 @@ def pack_grouped(
     ids_R = torch.zeros(R + 1, dtype=torch.long, device=x_BD.device)
     ids_R[rows_P] = b_P + id_offset
     x_RD, ids_R = x_RD[:R], ids_R[:R]
-    offs_E = end_E.to(torch.int32)
-    offs_E[-1] = R
+    # The last group ends at R (it takes the slack rows). No `offs_E[-1] = R`: a Python
+    # number written into a device tensor goes through a host tensor.
+    offs_E = torch.cat([end_E[:-1], end_E.new_full((1,), R)]).to(torch.int32)
     expert_R = torch.searchsorted(
         offs_E, torch.arange(R, device=x_BD.device, dtype=torch.int32), right=True
     )

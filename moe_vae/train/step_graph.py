@@ -41,6 +41,7 @@ class StepGraph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
         self.eager_calls = 0
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def __call__(self, idx_B: torch.Tensor) -> torch.Tensor:
         self.idx_B.copy_(idx_B, non_blocking=True)
@@ -52,12 +53,13 @@ class StepGraph:
             return self.out
         if self.eager_calls < self.warmup:
             self.eager_calls += 1
-            current = torch.cuda.current_stream(self.device)
-            side = torch.cuda.Stream(self.device)
+            current, side = torch.cuda.current_stream(self.device), self.side
+            assert side is not None
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 out = self.step(self.idx_B)
             current.wait_stream(side)
+            out.record_stream(current)  # made on the side stream, read on this one
             return out
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

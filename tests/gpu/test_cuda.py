@@ -10,7 +10,11 @@ import torch
 import torch._inductor.config
 
 from moe_vae.config import load_config
+from moe_vae.config.schema import LossConfig, ModelConfig
 from moe_vae.evaluate.evaluator import to_inputs
+from moe_vae.model.losses import objective
+from moe_vae.model.mixture import MixtureOfVAEs
+from moe_vae.track.jsonl import step_values
 from moe_vae.train.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -56,12 +60,16 @@ def test_cuda_graph_step_matches_eager(train_steps, switch, graphs):
             "--train.host_sync=log",
             steps=12,
         )
-    # Different kernels (and, grouped, bf16 both ways with different rounding).
-    rel = 1e-2 if "grouped" in switch else 1e-3
     assert len(eager) == 12
-    assert graphed == pytest.approx(eager, rel=rel)
+    assert len(set(graphed[4:])) == 8  # replayed steps train on (a dead replay repeats)
+    if "grouped" in switch:  # bf16 both ways, rounded differently: the losses only
+        assert graphed == pytest.approx(eager, rel=1e-2)
+        return
+    # fp32 (TF32 off), other kernels: 12 Adam steps of lr 1e-3 move a weight by up to ~1e-2,
+    # so 1e-4 says the graph trained as eager did.
+    assert graphed == pytest.approx(eager, rel=1e-3)
     for name, w in w_eager.items():
-        torch.testing.assert_close(w_graphed[name], w, rtol=1e-2, atol=1e-2, msg=name)
+        torch.testing.assert_close(w_graphed[name], w, rtol=1e-3, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("switch", SWITCHES)
@@ -93,11 +101,36 @@ def test_bf16_autocast_on_cuda(train_steps):
     assert bf16 == pytest.approx(fp32, rel=2e-2)
 
 
-def test_grouped_gemm_matches_batched_on_cuda(train_steps):
-    topk = SWITCHES["topk"]
-    batched, _ = train_steps("batched", CUDA, *topk, "--model.expert_gemm=batched")
-    grouped, _ = train_steps("grouped", CUDA, *topk, "--model.expert_gemm=grouped")
-    assert grouped == pytest.approx(batched, rel=2e-2)  # the grouped kernel runs in bf16
+@pytest.mark.timeout(120)  # an empty group once hung CUDA's grouped kernel (pytorch#152668)
+@pytest.mark.parametrize("num_experts", [5, 32])
+def test_grouped_gemm_kernel_matches_batched(num_experts):
+    """The bf16 grouped kernel against the fp32 batched path, same weights and noise. 32
+    experts for 24 inputs at top-2 leave experts without inputs (groups of padding only)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        num_experts=num_experts,
+        z_dim=3,
+        encoder_layers=[7],
+        decoder_layers=[6],
+        manager_layers=[8],
+        routing="topk",
+        top_k=2,
+        capacity_factor=0.0,
+    )
+    batched = MixtureOfVAEs(cfg, (1, 3, 3)).cuda()
+    grouped = MixtureOfVAEs(cfg.model_copy(update={"expert_gemm": "grouped"}), (1, 3, 3)).cuda()
+    grouped.load_state_dict(batched.state_dict())
+    eps = torch.randn(num_experts, 24, 3, device="cuda")
+    for m in (batched, grouped):
+        m.noise = lambda e, n, z: eps[e, n]
+    x, loss_cfg = torch.rand(24, 9, device="cuda"), LossConfig()
+    ra, rb = batched.losses(x, loss_cfg), grouped.losses(x, loss_cfg)
+    torch.testing.assert_close(rb.loss_BE, ra.loss_BE, rtol=2e-2, atol=1e-2)
+    objective(ra, loss_cfg).total.backward()
+    objective(rb, loss_cfg).total.backward()
+    for (name, p), q in zip(batched.named_parameters(), grouped.parameters(), strict=True):
+        scale = p.grad.abs().max().item()
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0.03 * scale + 1e-6, msg=name)
 
 
 def test_whole_step_graph_is_recorded_and_replayed(tmp_path, monkeypatch, repo):
@@ -110,10 +143,16 @@ def test_whole_step_graph_is_recorded_and_replayed(tmp_path, monkeypatch, repo):
             "--train.host_sync=log",
             "--train.cuda_graph=true",
             "--train.max_steps=8",
+            "--train.log_every=1",
             "--track.wandb=disabled",
         ],
     )
     trainer = Trainer(cfg, quiet=True)
-    trainer.fit()
+    result = trainer.fit()
     assert trainer.step_graph is not None and trainer.step_graph.graph is not None
     assert trainer.step_graph.eager_calls == 3  # then recorded at step 4, replayed to step 8
+    losses = step_values(result.run_dir / "metrics.jsonl")
+    assert sorted(losses) == list(range(1, 9))
+    assert len({losses[s] for s in range(4, 9)}) == 5  # every replay was a new step
+    # The epoch's sums were kept inside the graph: they add up the logged losses.
+    assert trainer.epoch_sums[0].item() == pytest.approx(sum(losses.values()), rel=1e-5)

@@ -14,7 +14,9 @@ from moe_vae.train.trainer import Trainer
 
 # Ops whose output size or value the host must read: _local_scalar_dense is .item()/.tolist()
 # underneath, nonzero is boolean-mask indexing; the others size their output from the data.
+# lift_fresh is torch.tensor(python data): on a GPU a blocking copy from the host.
 SYNCING_OPS = {
+    "aten::lift_fresh",
     "aten::_local_scalar_dense",
     "aten::item",
     "aten::nonzero",
