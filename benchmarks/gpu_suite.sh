@@ -55,6 +55,8 @@ part_recipe() {  # founding recipe (E=10, batch 100): eager and fast path beside
   step recipe_eager "${MV[@]}" bench --steps 300 --repeats 5
   step recipe_fast "${MV[@]}" bench --steps 300 --repeats 5 "${DENSE_FAST[@]}"
   step recipe_graph "${MV[@]}" bench --steps 300 --repeats 5 "${DENSE_GRAPH[@]}"
+  step recipe_graph_eager "${MV[@]}" bench --steps 300 --repeats 5 "${DENSE_GRAPH[@]}" \
+    --train.compile=none
   step recipe_graph_bf16 "${MV[@]}" bench --steps 300 --repeats 5 "${DENSE_GRAPH[@]}" \
     --train.precision=bf16
 }

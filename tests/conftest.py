@@ -43,13 +43,16 @@ def tiny_config() -> Path:
 
 @pytest.fixture
 def train_steps(tmp_path, monkeypatch):
-    """Trains the tiny config for a few logged steps: train_steps(name, *overrides, steps=4)
-    returns (the loss of each step, the final weights)."""
+    """Trains the tiny config for a few logged steps: train_steps(name, *overrides, steps=4,
+    fixed_noise=False) returns (the loss of each step, the final weights). fixed_noise: every
+    (expert, input position) pair draws the same latent noise whatever the routing's layout."""
     from moe_vae.train.trainer import Trainer
 
     monkeypatch.chdir(REPO)
 
-    def run(name: str, *extra: str, steps: int = 4) -> tuple[list[float], dict[str, torch.Tensor]]:
+    def run(
+        name: str, *extra: str, steps: int = 4, fixed_noise: bool = False
+    ) -> tuple[list[float], dict[str, torch.Tensor]]:
         cfg = load_config(
             CONFIGS / "tiny.yaml",
             [
@@ -62,6 +65,12 @@ def train_steps(tmp_path, monkeypatch):
             ],
         )
         trainer = Trainer(cfg, quiet=True)
+        if fixed_noise:
+            m, seeded = cfg.model, torch.Generator().manual_seed(7)
+            inputs = max(cfg.train.batch_size, cfg.eval.batch_size)  # the final eval draws too
+            eps = torch.randn(m.num_experts, inputs, m.z_dim, generator=seeded)
+            eps = eps.to(trainer.device)
+            trainer.model.noise = lambda e, n, z: eps[e, n]
         result = trainer.fit()
         values = step_values(result.run_dir / "metrics.jsonl")
         weights = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}

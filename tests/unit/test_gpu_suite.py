@@ -44,7 +44,7 @@ def test_every_step_resolves_its_config(tmp_path):
     proc = _suite(tmp_path, f'exec "{real}" "$@" --print-config', *PARTS)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = _summary(tmp_path)
-    assert len(summary) == 19
+    assert len(summary) == 20
     # Every step resolved its config; the comparison found no finished runs and said so.
     assert summary.pop("compare") == 2
     assert summary == dict.fromkeys(summary, 0), proc.stdout[-3000:]
@@ -66,6 +66,7 @@ def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path):
             "recipe_eager",
             "recipe_fast",
             "recipe_graph",
+            "recipe_graph_eager",
             "recipe_graph_bf16",
             "profile_eager",
             "profile_fast",
