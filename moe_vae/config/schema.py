@@ -172,8 +172,8 @@ class TrainConfig(Section):
     host_sync: Literal["step", "log"] = "step"
     # The whole step (batch gather, forward, backward, finite check, Adam, the epoch's sums)
     # recorded once as a CUDA graph and replayed: one launch per step. Needs host_sync=log,
-    # compile none or default, in-memory data, and no per-step host input (labels, warm start,
-    # revival). On a CPU the same step runs without a graph.
+    # compile none or default, in-memory data, and no per-step host input (labelled_batch's
+    # replay, revival). On a CPU the same step runs without a graph.
     cuda_graph: bool = False
     # TF32 tensor cores for fp32 matmuls and convolutions on NVIDIA GPUs (no effect on a CPU).
     tf32: bool = False
@@ -336,13 +336,8 @@ def _cuda_graph_fits(cfg: Config) -> None:
             "not batches streamed by the host",
         ),
         (
-            loss.label_fraction > 0 or loss.labelled_keys is not None or loss.labelled_batch > 0,
-            "no labels (loss.label_fraction, loss.labelled_keys, loss.labelled_batch): their "
-            "targets are looked up on the host every step",
-        ),
-        (
-            cfg.warm_start.method != "none",
-            "warm_start.method=none: its pseudo-labels are looked up on the host every step",
+            loss.labelled_batch > 0,
+            "loss.labelled_batch=0 (its replayed samples are drawn on the host every step)",
         ),
         (
             cfg.train.revive_dead_experts,

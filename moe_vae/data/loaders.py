@@ -107,7 +107,8 @@ class InMemoryLoader:
         for idx in self.epoch_plan(epoch)[skip:]:
             # Keys are looked up by the CPU copy of the indices: no device sync.
             dev_idx = idx.to(self.images.device, non_blocking=True)
-            yield Batch(self.images[dev_idx], self.labels[dev_idx], self.keys[idx.numpy()].tolist())
+            keys = self.keys[idx.numpy()].tolist()
+            yield Batch(self.images[dev_idx], self.labels[dev_idx], keys, index=dev_idx)
 
 
 class StreamingLoader:

@@ -45,6 +45,7 @@ class Batch:
     keys: list[str]
     bad: dict[str, int] = field(default_factory=dict)  # cumulative skips of the producing worker
     worker: int = 0
+    index: torch.Tensor | None = None  # in-memory data: the samples' indices, on the device
 
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
         self.images = self.images.pin_memory()

@@ -90,7 +90,7 @@ class LabelPolicy:
 
 
 def manager_cross_entropy(
-    logits_BC: torch.Tensor, targets_B: torch.Tensor, weight: float
+    logits_BC: torch.Tensor, targets_B: torch.Tensor, weight: float | torch.Tensor
 ) -> torch.Tensor:
     """weight x the manager's cross-entropy on the samples with a target (-1: none), summed and
     divided by the batch size (so it scales like the per-sample VAE losses). Used by labels and

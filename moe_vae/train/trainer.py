@@ -212,6 +212,18 @@ class Trainer:
         ckpt = load_checkpoint(resume) if resume is not None else None
         self.tracker_id: str | None = ckpt.get("tracker_run_id") if ckpt else None
         self.anchor = self._warm_start(ckpt)
+        # In-memory data: every sample's label target and cluster target, looked up by index on
+        # the device each step rather than by key on the host (no host work in the step).
+        self.label_targets_N: torch.Tensor | None = None
+        self.anchor_targets_N: torch.Tensor | None = None
+        self.anchor_weight = torch.zeros((), device=self.device)  # cuda_graph: set each epoch
+        train = self.data.train
+        if isinstance(train, InMemoryLoader):
+            keys = train.keys.tolist()
+            if self.labels.active:
+                self.label_targets_N = self.labels.targets(keys, train.labels)
+            if self.anchor is not None:
+                self.anchor_targets_N = self.anchor.targets(keys, self.device)
         if ckpt is not None and resume is not None:
             # Before touching the run directory: a bad checkpoint writes nothing.
             self._restore(ckpt)
@@ -458,24 +470,35 @@ class Trainer:
         if self.step_graph is not None:
             assert isinstance(self.data.train, InMemoryLoader)
             plan = self.data.train.epoch_plan(epoch).to(self.device)  # one copy per epoch
+            if self.anchor is not None:  # in place: the recorded step reads this tensor
+                self.anchor_weight.fill_(self.anchor.weight(epoch))
             for i in range(self.batches_done, len(plan)):
                 yield self.step_graph(plan[i]), self.stop_signal is not None
             return
         for batch in self.data.train.epoch_batches(epoch, skip=self.batches_done):
             x_BD = to_inputs(batch.images.to(self.device, non_blocking=True))
             targets_B = None
-            if self.labels.active:
+            if self.label_targets_N is not None and batch.index is not None:
+                targets_B = self.label_targets_N[batch.index]
+            elif self.labels.active:  # streamed data: by key
                 targets_B = self.labels.targets(batch.keys, batch.labels.to(self.device))
             anchor = None
             if self.anchor is not None and self.anchor.weight(epoch) > 0:
-                anchor = (self.anchor.targets(batch.keys, self.device), self.anchor.weight(epoch))
+                # The warm start needs in-memory data: the table and the index are there.
+                assert self.anchor_targets_N is not None and batch.index is not None
+                anchor = (self.anchor_targets_N[batch.index], self.anchor.weight(epoch))
             terms, finite, stop = self.train_step(x_BD, targets_B, anchor)
             yield (self._accumulate(terms, len(x_BD)) if finite else None), stop
 
     def _recorded_step(self, idx_B: torch.Tensor) -> torch.Tensor:
         """train.cuda_graph's step, from the samples' indices to the step's values."""
         assert isinstance(self.data.train, InMemoryLoader)
-        terms, _, _ = self.train_step(to_inputs(self.data.train.images[idx_B]))
+        targets_B = self.label_targets_N[idx_B] if self.label_targets_N is not None else None
+        anchor = None
+        if self.anchor_targets_N is not None:  # always recorded; weight 0 after its decay
+            anchor = (self.anchor_targets_N[idx_B], self.anchor_weight)
+        x_BD = to_inputs(self.data.train.images[idx_B])
+        terms, _, _ = self.train_step(x_BD, targets_B, anchor)
         return self._accumulate(terms, len(idx_B))
 
     def _accumulate(self, terms: LossTerms, batch: int) -> torch.Tensor:
@@ -498,7 +521,7 @@ class Trainer:
         self,
         x_BD: torch.Tensor,
         targets_B: torch.Tensor | None = None,
-        anchor: tuple[torch.Tensor, float] | None = None,
+        anchor: tuple[torch.Tensor, float | torch.Tensor] | None = None,
     ) -> tuple[LossTerms, bool, bool]:
         """Forward (through the dispatcher), backward, and the optimizer step unless the loss or
         a gradient is not finite on any rank. `targets_B`: labels of the labelled samples (-1

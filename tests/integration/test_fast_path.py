@@ -62,15 +62,36 @@ def test_compiled_step_matches_eager(train_steps, routing, gemm, fused):
         torch.testing.assert_close(w_compiled[name], w, rtol=1e-3, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("routing", ["dense", "topk"])
-def test_cuda_graph_step_is_the_same_step(train_steps, routing):
-    """train.cuda_graph's step (batch gathered on the device from the epoch's plan, the sums
-    kept inside the step) is the plain host_sync=log step, exactly: 12 steps cross the tiny
-    config's epoch of 10. On a CPU no graph is recorded; tests/gpu records one."""
-    extra = [f"--model.routing={routing}", "--train.host_sync=log"]
-    plain, w_plain = train_steps(f"plain-{routing}", *extra, steps=12)
-    graph, w_graph = train_steps(f"graph-{routing}", *extra, "--train.cuda_graph=true", steps=12)
-    assert len(plain) == 12
+# Labels (30 %) and the warm start's pseudo-labels, its weight held for epoch 1, halved in
+# epoch 2 and 0 in epoch 3: the recorded step reads it from a device scalar set each epoch.
+TARGETS = [
+    "--model.num_experts=10",  # label c asks for expert c
+    "--loss.label_fraction=0.3",
+    "--warm_start.method=cluster",
+    "--warm_start.weight=10",
+    "--warm_start.hold_epochs=1",
+    "--warm_start.decay_epochs=1",
+    "--train.epochs=3",
+]
+
+
+@pytest.mark.parametrize(
+    "case,extra,steps",
+    [
+        ("dense", ["--model.routing=dense"], 12),
+        ("topk", ["--model.routing=topk"], 12),
+        ("targets", TARGETS, 30),
+    ],
+)
+def test_cuda_graph_step_is_the_same_step(train_steps, case, extra, steps):
+    """train.cuda_graph's step (batch gathered on the device from the epoch's plan, labels and
+    pseudo-labels from per-sample tables, the sums kept inside the step) is the plain
+    host_sync=log step, exactly: 12 steps cross the tiny config's epoch of 10. On a CPU no
+    graph is recorded; tests/gpu records one."""
+    extra = [*extra, "--train.host_sync=log"]
+    plain, w_plain = train_steps(f"plain-{case}", *extra, steps=steps)
+    graph, w_graph = train_steps(f"graph-{case}", *extra, "--train.cuda_graph=true", steps=steps)
+    assert len(plain) == steps
     assert graph == plain
     for name, w in w_plain.items():
         torch.testing.assert_close(w_graph[name], w, rtol=0, atol=0, msg=name)

@@ -136,8 +136,10 @@ GRAPH = ["--train.cuda_graph=true", "--train.host_sync=log"]
             r"needs a fixed top-k capacity",
         ),
         ([*GRAPH, "--data.loader=stream"], r"needs in-memory training data"),
-        ([*GRAPH, "--loss.label_fraction=0.1"], r"needs no labels"),
-        ([*GRAPH, "--warm_start.method=cluster"], r"needs warm_start\.method=none"),
+        (
+            [*GRAPH, "--loss.label_fraction=0.1", "--loss.labelled_batch=10"],
+            r"needs loss\.labelled_batch=0",
+        ),
         ([*GRAPH, "--train.revive_dead_experts=true"], r"revive_dead_experts=false"),
     ],
 )
@@ -150,3 +152,5 @@ def test_cuda_graph_names_what_it_needs(overrides, expected):
 def test_cuda_graph_with_what_it_needs_validates():
     cfg = load_config(None, [*GRAPH, "--train.compile=default", "--model.routing=topk"])
     assert cfg.train.cuda_graph
+    # Labels and the warm start's pseudo-labels come from per-sample tables on the device.
+    load_config(None, [*GRAPH, "--loss.label_fraction=0.1", "--warm_start.method=cluster"])
