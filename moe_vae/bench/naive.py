@@ -66,6 +66,8 @@ class NaiveVAE(nn.Module):
 def unsupported(cfg: Config) -> str | None:
     """Why the naive port cannot run this config (None: it can)."""
     m = cfg.model
+    if cfg.loss.choice_balancing_weight:
+        return "the naive baseline has no choice-balancing term (loss.choice_balancing_weight)"
     if m.expert == "mlp" and m.routing == "dense":
         return None
     return (

@@ -112,6 +112,11 @@ class LossConfig(Section):
     # expected: mean_b Σ_i p_i L_i (the seed); mixture: mean_b −log Σ_i p_i exp(−L_i).
     objective: Literal["expected", "mixture"] = "expected"
     balancing_weight: Annotated[float, Field(ge=0)] = 0.1
+    # The Switch Transformer's load-balancing term E · Σ_i f_i · P_i (f: share of the
+    # manager's choices, P: share of its probability), added with this weight. Top-k routing
+    # over many experts needs it: with flat probabilities the variance term above sees no
+    # imbalance while the choices crowd onto a few experts and overflow their capacity.
+    choice_balancing_weight: Annotated[float, Field(ge=0)] = 0.0
     # Semi-supervised: the labels of this fraction of training samples (chosen by a hash of the
     # key) or of the keys listed in `labelled_keys` (a text file) add label_weight x the
     # manager's cross-entropy (label c -> expert c). 0 and null: unsupervised (the seed).

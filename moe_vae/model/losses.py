@@ -112,6 +112,29 @@ class LossTerms:
     applied: torch.Tensor | None = None  # train.host_sync=log: 1 if the update was applied
 
 
+def choice_balancing(
+    probs_BE: torch.Tensor,
+    chosen_BE: torch.Tensor | None = None,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The Switch Transformer's load-balancing term, E · Σ_i f_i · P_i: f_i the share of the
+    manager's choices that go to expert i (top-k's chosen pairs, dropped ones included; the
+    argmax under dense routing), no gradient; P_i expert i's share of the probability mass.
+    1 when both are uniform. Its gradient lowers the probability of the experts chosen most:
+    what the variance of importance misses when the probabilities are flat but the choices are
+    not (top-1 over many experts then sends nearly everything to one expert and drops it)."""
+    E = probs_BE.shape[1]
+    if chosen_BE is None:
+        ids_E = torch.arange(E, device=probs_BE.device)
+        chosen_BE = probs_BE.detach().argmax(-1, keepdim=True) == ids_E
+    counts_E = chosen_BE.sum(0, dtype=probs_BE.dtype)
+    importance_E = probs_BE.sum(0)
+    if sum_over_ranks is not None:  # the global batch's shares, as on one device
+        counts_E, importance_E = sum_over_ranks(counts_E), sum_over_ranks(importance_E)
+    f_E = (counts_E / counts_E.sum()).detach()
+    return E * (f_E * importance_E / importance_E.sum()).sum()
+
+
 def manager_usage(logits_BE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The manager's usage statistics, without gradient: ([summed probabilities, argmax counts]
     per expert [2, E], mean entropy). Counted by comparison with every expert id, not bincount
@@ -128,11 +151,16 @@ def objective(
     cfg: LossConfig,
     sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> LossTerms:
-    """Total = (expected expert loss or mixture NLL) + balancing_weight * balancing."""
+    """Total = (expected expert loss or mixture NLL) + balancing_weight * balancing
+    (+ choice_balancing_weight * the Switch-style term on the manager's choices)."""
     logits_BE, loss_BE, mask_BE = routed.logits_BE, routed.loss_BE, routed.mask_BE
     probs_BE = logits_BE.softmax(-1)
     expected = expected_expert_loss(probs_BE, loss_BE, mask_BE)
     mixture = mixture_nll(logits_BE, loss_BE, mask_BE)
     balancing = variance_balancing(probs_BE, sum_over_ranks, routed.levels)
     main = expected if cfg.objective == "expected" else mixture
-    return LossTerms(main + cfg.balancing_weight * balancing, expected, mixture, balancing, loss_BE)
+    total = main + cfg.balancing_weight * balancing
+    if cfg.choice_balancing_weight:
+        choices = choice_balancing(probs_BE, routed.chosen_BE, sum_over_ranks)
+        total = total + cfg.choice_balancing_weight * choices
+    return LossTerms(total, expected, mixture, balancing, loss_BE)

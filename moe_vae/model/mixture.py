@@ -36,6 +36,7 @@ class Routed:
     loss_BE: torch.Tensor  # L_i(x) where routed (0 elsewhere)
     mask_BE: torch.Tensor | None = None  # top-k: which (input, expert) pairs were computed
     dropped: torch.Tensor | None = None  # top-k: pairs over capacity (a 0-d count)
+    chosen_BE: torch.Tensor | None = None  # top-k: the manager's choices, dropped ones too
     levels: list[int] | None = None  # a hierarchical mixture's level sizes (per-level balancing)
 
 
@@ -146,7 +147,8 @@ class MixtureOfVAEs(nn.Module):
         )
         loss_BE = logits_BE.new_zeros(logits_BE.shape).scatter(1, idx_BK, loss_BK)
         mask_BE = torch.zeros_like(logits_BE, dtype=torch.bool).scatter(1, idx_BK, kept_BK)
-        return Routed(logits_BE, loss_BE, mask_BE, (~kept_BK).sum())
+        chosen_BE = torch.zeros_like(mask_BE).scatter(1, idx_BK, True)
+        return Routed(logits_BE, loss_BE, mask_BE, (~kept_BK).sum(), chosen_BE=chosen_BE)
 
     def cluster_logits(self, logits_BE: torch.Tensor) -> torch.Tensor:
         """The manager's logits over the top-level experts (the clusters): [B, num_clusters]."""

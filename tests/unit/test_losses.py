@@ -9,6 +9,7 @@ from torch.distributions import Normal, kl_divergence
 from moe_vae.config.schema import LossConfig
 from moe_vae.model.losses import (
     bernoulli_nll,
+    choice_balancing,
     expected_expert_loss,
     gaussian_nll,
     kl_standard_normal,
@@ -111,3 +112,40 @@ def test_balancing_sums_importance_over_ranks():
     for r, half in enumerate(halves):
         summed = variance_balancing(half, lambda imp, r=r: imp + other[1 - r])
         torch.testing.assert_close(summed, variance_balancing(probs))
+
+
+def test_choice_balancing_by_hand():
+    uniform = torch.full((4, 4), 0.25)
+    spread = torch.eye(4, dtype=torch.bool)  # each expert chosen once
+    assert choice_balancing(uniform, spread).item() == pytest.approx(1.0)
+    # Probabilities and choices both on expert 0: E * (1 * 1) = 4, the maximum.
+    peaked = torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(4, 1)
+    crowded = torch.zeros(4, 4, dtype=torch.bool)
+    crowded[:, 0] = True
+    assert choice_balancing(peaked, crowded).item() == pytest.approx(4.0)
+    # Dense routing: the choices are the argmax.
+    assert choice_balancing(peaked).item() == pytest.approx(4.0)
+
+
+def test_choice_balancing_lowers_the_crowded_expert_even_when_probabilities_are_flat():
+    """Flat probabilities, every input choosing expert 0 (what top-1 over many experts falls
+    into): the variance of importance is 0 and gives no gradient; this term lowers expert 0's
+    logit and raises the others'."""
+    logits = torch.zeros(8, 4, requires_grad=True)
+    crowded = torch.zeros(8, 4, dtype=torch.bool)
+    crowded[:, 0] = True
+    probs = logits.softmax(-1)
+    assert variance_balancing(probs).item() == 0.0
+    (grad,) = torch.autograd.grad(choice_balancing(probs, crowded), logits)
+    assert (grad[:, 0] > 0).all() and (grad[:, 1:] < 0).all()  # descent: expert 0 down
+
+
+def test_objective_adds_choice_balancing_with_its_weight():
+    logits = torch.randn(6, 5)
+    loss = torch.rand(6, 5) * 100
+    chosen = torch.zeros(6, 5, dtype=torch.bool).scatter(1, logits.topk(2, -1).indices, True)
+    routed = Routed(logits, loss, mask_BE=chosen, chosen_BE=chosen)
+    base = objective(routed, LossConfig()).total
+    weighted = objective(routed, LossConfig(choice_balancing_weight=0.5)).total
+    expected = 0.5 * choice_balancing(logits.softmax(-1), chosen)
+    assert (weighted - base).item() == pytest.approx(expected.item(), rel=1e-5)
