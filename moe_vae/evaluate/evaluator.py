@@ -42,7 +42,7 @@ def evaluate(
     clusters, labels, expected, mixture, n = [], [], 0.0, 0.0, 0
     for images, labels_B in batches:
         x_BD = to_inputs(images.to(device))
-        routed = model.losses(x_BD, loss_cfg, generator=gen)
+        routed = model.losses(x_BD, loss_cfg, generator=gen, capacity_factor=0.0)  # dropless
         probs_BE = routed.logits_BE.softmax(-1)
         expected += expected_expert_loss(probs_BE, routed.loss_BE, routed.mask_BE).item() * len(
             x_BD

@@ -118,9 +118,15 @@ class MixtureOfVAEs(nn.Module):
         )
 
     def losses(
-        self, x_BD: torch.Tensor, loss_cfg: LossConfig, generator: torch.Generator | None = None
+        self,
+        x_BD: torch.Tensor,
+        loss_cfg: LossConfig,
+        generator: torch.Generator | None = None,
+        capacity_factor: float | None = None,
     ) -> Routed:
-        """The manager's logits and the routed experts' losses L_i(x) on this rank's inputs."""
+        """The manager's logits and the routed experts' losses L_i(x) on this rank's inputs.
+        `capacity_factor` (top-k): overrides the config's; 0 = dropless, what evaluation uses
+        (a dropped pair has no loss, and would count as a perfect fit)."""
 
         def local_losses(x: torch.Tensor, ids: torch.Tensor, groups: Groups | None) -> torch.Tensor:
             eps = None
@@ -143,7 +149,11 @@ class MixtureOfVAEs(nn.Module):
             return Routed(logits_BE, loss_BE, levels=self.cfg.hierarchy)
         idx_BK = logits_BE.detach().topk(self.cfg.top_k, dim=-1).indices
         loss_BK, kept_BK = self.dispatcher.expert_losses_topk(
-            x_BD, idx_BK, local_losses, self.num_experts, self.cfg.capacity_factor
+            x_BD,
+            idx_BK,
+            local_losses,
+            self.num_experts,
+            self.cfg.capacity_factor if capacity_factor is None else capacity_factor,
         )
         loss_BE = logits_BE.new_zeros(logits_BE.shape).scatter(1, idx_BK, loss_BK)
         mask_BE = torch.zeros_like(logits_BE, dtype=torch.bool).scatter(1, idx_BK, kept_BK)

@@ -70,3 +70,31 @@ def test_topk_config_rejects_k_above_experts():
 
     with pytest.raises(ConfigError, match=r"model\.top_k=5 is more than model\.num_experts=4"):
         load_config(None, ["--model.num_experts=4", "--model.routing=topk", "--model.top_k=5"])
+
+
+def test_evaluation_and_scores_are_dropless():
+    """A dropped pair has no loss and would count as a perfect fit: evaluation (test neg ELBO)
+    and `moe-vae score` (anomaly scores) route top-k without a capacity."""
+    from moe_vae.commands import per_input
+    from moe_vae.config import load_config
+    from moe_vae.config.schema import EvalConfig
+    from moe_vae.evaluate.evaluator import evaluate
+
+    torch.manual_seed(0)
+    tight = ModelConfig(
+        num_experts=4, z_dim=2, encoder_layers=[8], decoder_layers=[8], manager_layers=[8],
+        routing="topk", top_k=1, capacity_factor=0.25,
+    )  # fmt: skip
+    model = MixtureOfVAEs(tight, (1, 3, 3))
+    images = torch.randint(0, 256, (32, 1, 3, 3), dtype=torch.uint8)
+    x = images.flatten(1).float() / 255
+    assert model.losses(x, LossConfig()).dropped.item() > 0  # training would drop pairs
+    dropless = MixtureOfVAEs(tight.model_copy(update={"capacity_factor": 0.0}), (1, 3, 3))
+    dropless.load_state_dict(model.state_dict())
+    batches = [(images, torch.full((32,), -1))]
+    got = evaluate(model, batches, LossConfig(), EvalConfig(), seed=3)
+    want = evaluate(dropless, batches, LossConfig(), EvalConfig(), seed=3)
+    assert got["neg_elbo"] == want["neg_elbo"] > 1.0
+    cfg = load_config(None, ["--model.num_experts=4", "--eval.batch_size=16"])
+    _, nll = per_input(model, cfg, images, seed=3)
+    assert (nll > 1.0).all()  # no input scored 0 for having been dropped
