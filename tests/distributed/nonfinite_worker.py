@@ -44,8 +44,8 @@ def main() -> int:
     rank = trainer.par.info.rank
     losses = trainer.model.losses
 
-    def faulty(x, loss_cfg, generator=None):
-        routed = losses(x, loss_cfg, generator)
+    def faulty(x, loss_cfg, generator=None, **options):
+        routed = losses(x, loss_cfg, generator, **options)
         step = trainer.step + 1
         if rank == 1 and step == NAN_LOSS_STEP:
             routed.loss_BE = routed.loss_BE * float("nan")

@@ -111,8 +111,8 @@ def _nan_at(trainer: Trainer, bad_steps: set[int]) -> None:
     """Make the loss non-finite at the given (1-based) steps: a fault injected at the model."""
     losses = trainer.model.losses
 
-    def patched(x, cfg, generator=None):
-        routed = losses(x, cfg, generator)
+    def patched(x, cfg, generator=None, **options):
+        routed = losses(x, cfg, generator, **options)
         if trainer.step + 1 in bad_steps:
             routed.loss_BE = routed.loss_BE * float("nan")
         return routed
