@@ -106,10 +106,17 @@ class LossTerms:
     mixture: torch.Tensor  # mixture negative log-likelihood (always reported)
     balancing: torch.Tensor  # unweighted balancing term
     loss_BE: torch.Tensor  # per-input per-expert L_i(x)
+    usage_2E: torch.Tensor  # [summed probabilities, argmax counts] (no grad; manager_usage)
+    entropy: torch.Tensor  # mean manager entropy (no grad)
     dropped: torch.Tensor | None = None  # top-k: (input, expert) pairs over capacity
-    entropy: torch.Tensor | None = None  # manager entropy (no grad; see manager_usage)
-    usage_2E: torch.Tensor | None = None  # [summed probabilities, argmax counts] (no grad)
     applied: torch.Tensor | None = None  # train.host_sync=log: 1 if the update was applied
+
+
+def argmax_choices(probs_BE: torch.Tensor) -> torch.Tensor:
+    """Each input's most probable expert as a [B, E] bool mask, by comparison with every expert
+    id, not bincount or one_hot: on a GPU both read the ids' range back to the host."""
+    ids_E = torch.arange(probs_BE.shape[1], device=probs_BE.device)
+    return probs_BE.detach().argmax(-1, keepdim=True) == ids_E
 
 
 def choice_balancing(
@@ -125,8 +132,7 @@ def choice_balancing(
     not (top-1 over many experts then sends nearly everything to one expert and drops it)."""
     E = probs_BE.shape[1]
     if chosen_BE is None:
-        ids_E = torch.arange(E, device=probs_BE.device)
-        chosen_BE = probs_BE.detach().argmax(-1, keepdim=True) == ids_E
+        chosen_BE = argmax_choices(probs_BE)
     counts_E = chosen_BE.sum(0, dtype=probs_BE.dtype)
     importance_E = probs_BE.sum(0)
     if sum_over_ranks is not None:  # the global batch's shares, as on one device
@@ -135,13 +141,11 @@ def choice_balancing(
     return E * (f_E * importance_E / importance_E.sum()).sum()
 
 
-def manager_usage(logits_BE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def manager_usage(probs_BE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The manager's usage statistics, without gradient: ([summed probabilities, argmax counts]
-    per expert [2, E], mean entropy). Counted by comparison with every expert id, not bincount
-    or one_hot: on a GPU both read the ids' range back to the host."""
-    probs_BE = logits_BE.detach().softmax(-1)
-    ids_E = torch.arange(probs_BE.shape[1], device=probs_BE.device)
-    counts_E = (probs_BE.argmax(-1, keepdim=True) == ids_E).sum(0, dtype=probs_BE.dtype)
+    per expert [2, E], mean entropy)."""
+    probs_BE = probs_BE.detach()
+    counts_E = argmax_choices(probs_BE).sum(0, dtype=probs_BE.dtype)
     entropy = -(probs_BE * probs_BE.clamp_min(1e-12).log()).sum(-1).mean()
     return torch.stack([probs_BE.sum(0), counts_E]), entropy
 
@@ -163,4 +167,5 @@ def objective(
     if cfg.choice_balancing_weight:
         choices = choice_balancing(probs_BE, routed.chosen_BE, sum_over_ranks)
         total = total + cfg.choice_balancing_weight * choices
-    return LossTerms(total, expected, mixture, balancing, loss_BE)
+    usage_2E, entropy = manager_usage(probs_BE)
+    return LossTerms(total, expected, mixture, balancing, loss_BE, usage_2E, entropy)

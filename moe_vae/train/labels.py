@@ -15,7 +15,6 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,19 +62,16 @@ class LabelPolicy:
                 f"(it is {self.num_experts})"
             )
 
-    def pool(
-        self, keys: list[str] | np.ndarray, images: torch.Tensor, labels: torch.Tensor
-    ) -> None:
-        """Keep every labelled sample of an in-memory training set, for `labelled_batch`."""
-        use = torch.tensor([self.is_labelled(str(k)) for k in keys], device=labels.device)
-        use &= labels >= 0
-        self.pool_images, self.pool_labels = images[use], labels[use]
+    def pool(self, images: torch.Tensor, targets_N: torch.Tensor) -> None:
+        """Keep every labelled sample of an in-memory training set, for `labelled_batch`:
+        those with a target in `targets_N` (what `targets` gives for all of them; checked)."""
+        use = targets_N >= 0
+        self.pool_images, self.pool_labels = images[use], targets_N[use]
         if len(self.pool_labels) == 0:
             raise MoeVaeError(
                 "loss.labelled_batch > 0 but no training sample is labelled (check "
                 "loss.label_fraction / loss.labelled_keys against the data's keys)"
             )
-        self._check(self.pool_labels)
 
     def replay(self, size: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`size` labelled samples drawn with replacement for this step (seeded by the step, so

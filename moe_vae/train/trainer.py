@@ -41,7 +41,7 @@ from moe_vae.evaluate.plots import (
     save_loss_curves,
     save_reconstructions,
 )
-from moe_vae.model.losses import LossTerms, manager_usage, objective
+from moe_vae.model.losses import LossTerms, objective
 from moe_vae.model.mixture import MixtureOfVAEs, Routed
 from moe_vae.optim import build_adam, nonfinite_flag
 from moe_vae.parallel.engine import build_engine
@@ -136,14 +136,19 @@ class Trainer:
         )
         self.image_shape = self.data.image_shape
         self.labels = LabelPolicy(cfg.loss, cfg.model.num_clusters)
+        # In-memory data: every sample's label target (and below, its cluster target), looked
+        # up by index on the device each step rather than by key on the host.
+        self.label_targets_N: torch.Tensor | None = None
+        train = self.data.train
+        if isinstance(train, InMemoryLoader) and self.labels.active:
+            self.label_targets_N = self.labels.targets(train.keys.tolist(), train.labels)
         if cfg.loss.labelled_batch:
-            train = self.data.train
-            if not isinstance(train, InMemoryLoader) or not self.labels.active:
+            if self.label_targets_N is None or not isinstance(train, InMemoryLoader):
                 raise MoeVaeError(
                     "loss.labelled_batch needs in-memory training data (data.loader: memory or "
                     "auto) and labels (loss.label_fraction or loss.labelled_keys)"
                 )
-            self.labels.pool(train.keys, train.images, train.labels)
+            self.labels.pool(train.images, self.label_targets_N)
 
         self.model = MixtureOfVAEs(cfg.model, self.image_shape, expert_ids=self.par.expert_ids)
         parallelize(self.model, self.par, cfg.train.seed)
@@ -212,18 +217,11 @@ class Trainer:
         ckpt = load_checkpoint(resume) if resume is not None else None
         self.tracker_id: str | None = ckpt.get("tracker_run_id") if ckpt else None
         self.anchor = self._warm_start(ckpt)
-        # In-memory data: every sample's label target and cluster target, looked up by index on
-        # the device each step rather than by key on the host (no host work in the step).
-        self.label_targets_N: torch.Tensor | None = None
         self.anchor_targets_N: torch.Tensor | None = None
         self.anchor_weight = torch.zeros((), device=self.device)  # cuda_graph: set each epoch
-        train = self.data.train
-        if isinstance(train, InMemoryLoader):
-            keys = train.keys.tolist()
-            if self.labels.active:
-                self.label_targets_N = self.labels.targets(keys, train.labels)
-            if self.anchor is not None:
-                self.anchor_targets_N = self.anchor.targets(keys, self.device)
+        if self.anchor is not None:  # the warm start needs in-memory data (_warm_start checks)
+            assert isinstance(train, InMemoryLoader)
+            self.anchor_targets_N = self.anchor.targets(train.keys.tolist(), self.device)
         if ckpt is not None and resume is not None:
             # Before touching the run directory: a bad checkpoint writes nothing.
             self._restore(ckpt)
@@ -508,7 +506,6 @@ class Trainer:
             if terms.dropped is not None
             else terms.total.new_zeros(())
         )
-        assert terms.entropy is not None  # _forward_loss always fills it
         values = torch.stack(
             [terms.total, terms.expected, terms.balancing, terms.mixture, dropped, terms.entropy]
         ).detach()
@@ -617,9 +614,9 @@ class Trainer:
         compiles)."""
         routed = self.model.losses(x_BD, self.cfg.loss)
         world = self.par.info.world_size
-        terms = objective(routed, self.cfg.loss, self.par.sum_over_ranks if world > 1 else None)
-        terms.usage_2E, terms.entropy = manager_usage(routed.logits_BE)
-        return routed, terms
+        return routed, objective(
+            routed, self.cfg.loss, self.par.sum_over_ranks if world > 1 else None
+        )
 
     def _any_rank(self, bad: torch.Tensor) -> tuple[bool, bool]:
         """(bad on any rank, stop asked on any rank): one small tensor, reduced once."""
@@ -648,7 +645,6 @@ class Trainer:
     def _usage(self, terms: LossTerms) -> LossTerms:
         """Adds this step's expert usage (computed with its forward) to the epoch's statistics,
         after an applied step."""
-        assert terms.usage_2E is not None  # _forward_loss fills it
         applied = terms.applied if terms.applied is not None else 1.0
         self.epoch_usage_2E += terms.usage_2E * applied
         return terms

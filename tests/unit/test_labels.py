@@ -50,11 +50,13 @@ def test_replay_draws_labelled_samples_only_and_repeats_per_step(tmp_path):
     listing.write_text("k1\nk3\n")
     policy = _policy(f"--loss.labelled_keys={listing}")
     images = torch.arange(5, dtype=torch.uint8)[:, None].expand(5, 4).contiguous()
-    policy.pool([f"k{i}" for i in range(5)], images, torch.tensor([0, 1, 2, 3, 4]))
+    keys = [f"k{i}" for i in range(5)]
+    policy.pool(images, policy.targets(keys, torch.tensor([0, 1, 2, 3, 4])))
     a_img, a_lab = policy.replay(16, seed=0, step=7)
     b_img, b_lab = policy.replay(16, seed=0, step=7)
     assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)  # resume draws the same
     assert set(a_lab.tolist()) <= {1, 3} and torch.equal(a_img[:, 0].long(), a_lab)
     assert not torch.equal(policy.replay(16, seed=0, step=8)[1], a_lab)
     with pytest.raises(MoeVaeError, match="no training sample is labelled"):
-        _policy("--loss.label_fraction=0.0001").pool(["a"], images[:1], torch.tensor([0]))
+        sparse = _policy("--loss.label_fraction=0.0001")
+        sparse.pool(images[:1], sparse.targets(["a"], torch.tensor([0])))
