@@ -24,7 +24,7 @@ from moe_vae.data.shardlist import resolve
 from moe_vae.errors import MoeVaeError
 from moe_vae.evaluate.evaluator import evaluate, to_inputs
 from moe_vae.evaluate.plots import tile
-from moe_vae.model.losses import mixture_nll
+from moe_vae.model.losses import mixture_nll_per_input, routed_logits
 from moe_vae.model.mixture import MixtureOfVAEs
 
 
@@ -130,15 +130,9 @@ def per_input(
         x_BD = to_inputs(images[start : start + cfg.eval.batch_size])
         routed = model.losses(x_BD, cfg.loss, generator=gen, capacity_factor=0.0)  # dropless
         probs.append(routed.logits_BE.softmax(-1))
-        for b in range(len(x_BD)):  # per input: the batch mean of one row
-            nll.append(
-                mixture_nll(
-                    routed.logits_BE[b : b + 1],
-                    routed.loss_BE[b : b + 1],
-                    None if routed.mask_BE is None else routed.mask_BE[b : b + 1],
-                )
-            )
-    return torch.cat(probs).numpy(), torch.stack(nll).numpy()
+        logits_BE = routed_logits(routed.logits_BE, routed.mask_BE)
+        nll.append(mixture_nll_per_input(logits_BE, routed.loss_BE))
+    return torch.cat(probs).numpy(), torch.cat(nll).numpy()
 
 
 def write_table(path: Path, columns: dict[str, Any]) -> None:

@@ -33,9 +33,17 @@ class ModelConfig(Section):
     # Conv experts only: output channels of each stride-2 conv (the decoder mirrors them).
     conv_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])
     # dense: every expert sees every input (the seed's loss); topk: each input goes to the
-    # top_k experts of its manager, and the loss sums p_i L_i over those only.
+    # top_k experts of its manager; in training the other pairs count at the batch's mean
+    # computed loss (losses.fill_unrouted), in evaluation the probabilities renormalise over
+    # the routed experts.
     routing: Literal["dense", "topk"] = "dense"
     top_k: PositiveInt = 1
+    # Top-k training only. none: the manager's greedy top_k. gumbel: the top_k of logits +
+    # Gumbel noise, a sample without replacement from the manager's probabilities: a flat
+    # manager then spreads its inputs over all experts, where greedy top-1 over 1024 experts
+    # sent nearly all of them to a few experts and dropped 94-99 % (docs/performance.md).
+    # Evaluation always routes greedily.
+    route_noise: Literal["none", "gumbel"] = "none"
     # Top-k only: each expert takes at most capacity_factor * (inputs * top_k / experts) inputs
     # per batch and rank; the rest are dropped (counted). 0 = dropless (capacity = busiest expert).
     capacity_factor: Annotated[float, Field(ge=0)] = 1.25
@@ -88,6 +96,11 @@ class ModelConfig(Section):
                 f"model.expert_gemm=grouped needs model.routing: topk and model.expert: mlp "
                 f"(got routing {self.routing}, expert {self.expert})"
             )
+        if self.route_noise != "none" and self.routing != "topk":
+            raise ValueError(
+                f"model.route_noise={self.route_noise} picks top-k experts: it needs "
+                f"model.routing: topk (got {self.routing})"
+            )
         if self.fused_input:
             needs = {
                 "model.routing: dense": self.routing == "dense",
@@ -113,9 +126,10 @@ class LossConfig(Section):
     objective: Literal["expected", "mixture"] = "expected"
     balancing_weight: Annotated[float, Field(ge=0)] = 0.1
     # The Switch Transformer's load-balancing term E · Σ_i f_i · P_i (f: share of the
-    # manager's choices, P: share of its probability), added with this weight. Top-k routing
-    # over many experts needs it: with flat probabilities the variance term above sees no
-    # imbalance while the choices crowd onto a few experts and overflow their capacity.
+    # manager's choices, P: share of its probability), added with this weight. For greedy
+    # top-k over many experts: with flat probabilities the variance term above sees no
+    # imbalance while the choices crowd onto a few experts and overflow their capacity
+    # (model.route_noise: gumbel avoids the crowding by sampling the choices).
     choice_balancing_weight: Annotated[float, Field(ge=0)] = 0.0
     # Semi-supervised: the labels of this fraction of training samples (chosen by a hash of the
     # key) or of the keys listed in `labelled_keys` (a text file) add label_weight x the

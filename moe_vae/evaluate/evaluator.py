@@ -13,7 +13,7 @@ import torch
 
 from moe_vae.config.schema import EvalConfig, LossConfig
 from moe_vae.evaluate.metrics import clustering_metrics, contingency
-from moe_vae.model.losses import expected_expert_loss, mixture_nll
+from moe_vae.model.losses import expected_expert_loss, mixture_nll, routed_logits
 from moe_vae.model.mixture import MixtureOfVAEs
 
 
@@ -43,11 +43,9 @@ def evaluate(
     for images, labels_B in batches:
         x_BD = to_inputs(images.to(device))
         routed = model.losses(x_BD, loss_cfg, generator=gen, capacity_factor=0.0)  # dropless
-        probs_BE = routed.logits_BE.softmax(-1)
-        expected += expected_expert_loss(probs_BE, routed.loss_BE, routed.mask_BE).item() * len(
-            x_BD
-        )
-        mixture += mixture_nll(routed.logits_BE, routed.loss_BE, routed.mask_BE).item() * len(x_BD)
+        logits_BE = routed_logits(routed.logits_BE, routed.mask_BE)
+        expected += expected_expert_loss(logits_BE.softmax(-1), routed.loss_BE).item() * len(x_BD)
+        mixture += mixture_nll(logits_BE, routed.loss_BE).item() * len(x_BD)
         n += len(x_BD)
         clusters.append(model.cluster_logits(routed.logits_BE).argmax(-1).cpu())
         labels.append(labels_B.cpu())

@@ -54,26 +54,47 @@ def elbo_losses(x_BD: torch.Tensor, out: ExpertOutput, cfg: LossConfig) -> torch
     return nll_EB + kl_standard_normal(out.mu_EBZ.float(), out.var_EBZ.float())
 
 
-def expected_expert_loss(
-    probs_BE: torch.Tensor, loss_BE: torch.Tensor, mask_BE: torch.Tensor | None = None
-) -> torch.Tensor:
-    """mean over the batch of Σ_i p_i(x) L_i(x) (over the routed experts only, with a mask)."""
-    weighted = probs_BE * loss_BE
-    if mask_BE is not None:
-        weighted = weighted * mask_BE
-    return weighted.sum(-1).mean()
+def expected_expert_loss(probs_BE: torch.Tensor, loss_BE: torch.Tensor) -> torch.Tensor:
+    """mean over the batch of Σ_i p_i(x) L_i(x)."""
+    return (probs_BE * loss_BE).sum(-1).mean()
 
 
-def mixture_nll(
-    logits_BE: torch.Tensor, loss_BE: torch.Tensor, mask_BE: torch.Tensor | None = None
+def mixture_nll_per_input(logits_BE: torch.Tensor, loss_BE: torch.Tensor) -> torch.Tensor:
+    """−log Σ_i p_i(x) exp(−L_i(x)) of each input, computed stably in log space: [B]."""
+    return -torch.logsumexp(logits_BE.log_softmax(-1) - loss_BE, dim=-1)
+
+
+def mixture_nll(logits_BE: torch.Tensor, loss_BE: torch.Tensor) -> torch.Tensor:
+    """The mixture negative log-likelihood, mean over the batch."""
+    return mixture_nll_per_input(logits_BE, loss_BE).mean()
+
+
+def fill_unrouted(
+    loss_BE: torch.Tensor,
+    mask_BE: torch.Tensor,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """mean over the batch of −log Σ_i p_i(x) exp(−L_i(x)), computed stably in log space.
-    With a mask the sum runs over the routed experts; an input with none counts 0."""
-    terms_BE = logits_BE.log_softmax(-1) - loss_BE
-    if mask_BE is None:
-        return -torch.logsumexp(terms_BE, dim=-1).mean()
-    lse_B = torch.logsumexp(terms_BE.masked_fill(~mask_BE, float("-inf")), dim=-1)
-    return -torch.where(mask_BE.any(-1), lse_B, torch.zeros_like(lse_B)).mean()
+    """Top-k training: every (input, expert) pair that was not computed (not chosen, or dropped
+    over capacity) counts at the global batch's mean computed loss, a constant without gradient.
+
+    Why: counted at 0, an uncomputed pair is a perfect fit. The expected loss then only ever
+    lowers the chosen experts' probability (towards experts never evaluated), and overflow
+    lowers the loss: top-1 over 1024 experts dropped 99.8 % of its pairs. With the batch mean
+    as the estimate the manager's gradient on a chosen expert is p(1 − p)(L − mean): raised where
+    it fits the input better than the batch's average pair, lowered where worse (a baseline, as
+    in REINFORCE), and a dropped pair is neutral."""
+    mask = mask_BE.to(loss_BE.dtype)
+    stats = torch.stack([(loss_BE * mask).sum(), mask.sum()]).detach()
+    if sum_over_ranks is not None:  # the global batch's mean, as on one device
+        stats = sum_over_ranks(stats)
+    return torch.where(mask_BE, loss_BE, stats[0] / stats[1].clamp_min(1.0))
+
+
+def routed_logits(logits_BE: torch.Tensor, mask_BE: torch.Tensor | None) -> torch.Tensor:
+    """Evaluation of top-k: the manager's logits over the computed pairs only (−inf elsewhere),
+    so its probabilities renormalise over the experts the input was routed to, the mixture
+    top-k routing defines. Every input needs one computed pair: route dropless."""
+    return logits_BE if mask_BE is None else logits_BE.masked_fill(~mask_BE, float("-inf"))
 
 
 def variance_balancing(
@@ -105,7 +126,6 @@ class LossTerms:
     expected: torch.Tensor  # expected expert loss (always reported)
     mixture: torch.Tensor  # mixture negative log-likelihood (always reported)
     balancing: torch.Tensor  # unweighted balancing term
-    loss_BE: torch.Tensor  # per-input per-expert L_i(x)
     usage_2E: torch.Tensor  # [summed probabilities, argmax counts] (no grad; manager_usage)
     entropy: torch.Tensor  # mean manager entropy (no grad)
     dropped: torch.Tensor | None = None  # top-k: (input, expert) pairs over capacity
@@ -157,10 +177,12 @@ def objective(
 ) -> LossTerms:
     """Total = (expected expert loss or mixture NLL) + balancing_weight * balancing
     (+ choice_balancing_weight * the Switch-style term on the manager's choices)."""
-    logits_BE, loss_BE, mask_BE = routed.logits_BE, routed.loss_BE, routed.mask_BE
+    logits_BE, loss_BE = routed.logits_BE, routed.loss_BE
+    if routed.mask_BE is not None:  # top-k: the uncomputed pairs at the batch's mean loss
+        loss_BE = fill_unrouted(loss_BE, routed.mask_BE, sum_over_ranks)
     probs_BE = logits_BE.softmax(-1)
-    expected = expected_expert_loss(probs_BE, loss_BE, mask_BE)
-    mixture = mixture_nll(logits_BE, loss_BE, mask_BE)
+    expected = expected_expert_loss(probs_BE, loss_BE)
+    mixture = mixture_nll(logits_BE, loss_BE)
     balancing = variance_balancing(probs_BE, sum_over_ranks, routed.levels)
     main = expected if cfg.objective == "expected" else mixture
     total = main + cfg.balancing_weight * balancing
@@ -168,4 +190,4 @@ def objective(
         choices = choice_balancing(probs_BE, routed.chosen_BE, sum_over_ranks)
         total = total + cfg.choice_balancing_weight * choices
     usage_2E, entropy = manager_usage(probs_BE)
-    return LossTerms(total, expected, mixture, balancing, loss_BE, usage_2E, entropy)
+    return LossTerms(total, expected, mixture, balancing, usage_2E, entropy)

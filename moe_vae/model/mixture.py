@@ -147,7 +147,13 @@ class MixtureOfVAEs(nn.Module):
         if self.cfg.routing == "dense":
             loss_BE = self.dispatcher.expert_losses(x_BD, local_losses)
             return Routed(logits_BE, loss_BE, levels=self.cfg.hierarchy)
-        idx_BK = logits_BE.detach().topk(self.cfg.top_k, dim=-1).indices
+        scores_BE = logits_BE.detach()
+        if self.training and self.cfg.route_noise == "gumbel":
+            # logits + Gumbel(0, 1) noise (−log of an Exp(1) draw): their top k is a sample
+            # of k experts without replacement from the manager's probabilities.
+            exp_BE = torch.empty_like(scores_BE).exponential_(generator=generator)
+            scores_BE = scores_BE - exp_BE.log()
+        idx_BK = scores_BE.topk(self.cfg.top_k, dim=-1).indices
         loss_BK, kept_BK = self.dispatcher.expert_losses_topk(
             x_BD,
             idx_BK,

@@ -56,9 +56,10 @@ def _syncing(events) -> list[str]:
         ["--model.fused_input=true"],
         ["--model.routing=topk", "--model.top_k=2"],
         ["--model.routing=topk", "--model.top_k=2", "--model.expert_gemm=grouped"],
+        ["--model.routing=topk", "--model.route_noise=gumbel"],
         ["--optim.grad_clip=1.0"],
     ],
-    ids=["dense", "fused-input", "topk", "topk-grouped", "grad-clip"],
+    ids=["dense", "fused-input", "topk", "topk-grouped", "topk-gumbel", "grad-clip"],
 )
 def test_deferred_step_calls_no_syncing_op(tmp_path, monkeypatch, repo, extra):
     monkeypatch.chdir(repo)

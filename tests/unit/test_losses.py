@@ -11,10 +11,12 @@ from moe_vae.model.losses import (
     bernoulli_nll,
     choice_balancing,
     expected_expert_loss,
+    fill_unrouted,
     gaussian_nll,
     kl_standard_normal,
     mixture_nll,
     objective,
+    routed_logits,
     variance_balancing,
 )
 from moe_vae.model.mixture import Routed
@@ -149,3 +151,70 @@ def test_objective_adds_choice_balancing_with_its_weight():
     weighted = objective(routed, LossConfig(choice_balancing_weight=0.5)).total
     expected = 0.5 * choice_balancing(logits.softmax(-1), chosen)
     assert (weighted - base).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _top1_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4 inputs over 3 experts, top-1: inputs 0, 1 chose expert 0, inputs 2, 3 expert 1; the
+    pair (3, 1) was dropped over capacity. Computed losses 2, 4, 6: their mean is 4."""
+    chosen = torch.zeros(4, 3, dtype=torch.bool)
+    chosen[[0, 1, 2, 3], [0, 0, 1, 1]] = True
+    mask = chosen.clone()
+    mask[3, 1] = False
+    loss = torch.zeros(4, 3)
+    loss[[0, 1, 2], [0, 0, 1]] = torch.tensor([2.0, 4.0, 6.0])
+    return loss, mask, chosen
+
+
+def test_topk_uncomputed_pairs_count_at_the_batch_mean():
+    loss, mask, _ = _top1_batch()
+    loss.requires_grad_(True)
+    filled = fill_unrouted(loss, mask)
+    torch.testing.assert_close(filled, torch.where(mask, loss, 4.0))
+    (grad,) = torch.autograd.grad(filled.sum(), loss)
+    assert (grad == mask.float()).all()  # the mean is a constant: no gradient through it
+
+
+def test_topk_expected_objective_moves_the_chosen_expert_by_its_loss_against_the_mean():
+    """Uncomputed pairs at 0 made the expected loss lower every chosen expert's probability.
+    At the batch mean: raised where the input fits better than the mean (input 0: 2 < 4),
+    lowered where worse (input 2: 6 > 4), and a dropped pair gives nothing (input 3)."""
+    loss, mask, chosen = _top1_batch()
+    logits = torch.zeros(4, 3, requires_grad=True)
+    terms = objective(Routed(logits, loss, mask, chosen_BE=chosen), LossConfig(balancing_weight=0))
+    # Probabilities 1/3: rows (2+4+4)/3, 4, (6+4+4)/3, 4; their mean is 4.
+    assert terms.expected.item() == pytest.approx(4.0)
+    (grad,) = torch.autograd.grad(terms.total, logits)
+    assert grad[0, 0] < 0 and grad[2, 1] > 0  # descent: input 0's expert up, input 2's down
+    assert grad[3].abs().max() < 1e-7
+
+
+def test_topk_overflow_does_not_lower_the_loss():
+    """Every computed pair at 5: the objective is 5 however many pairs were dropped."""
+    _, _, chosen = _top1_batch()
+    logits = torch.randn(4, 3)
+    for dropped in range(4):  # drop the first `dropped` inputs' pairs
+        mask = chosen.clone()
+        mask[:dropped] = False
+        loss = torch.where(mask, 5.0, 0.0)
+        terms = objective(Routed(logits, loss, mask, chosen_BE=chosen), LossConfig())
+        assert terms.expected.item() == pytest.approx(5.0)
+        assert terms.mixture.item() == pytest.approx(5.0)
+
+
+def test_topk_fill_uses_the_mean_over_ranks():
+    """Two halves of a batch with the computed losses summed across them == the whole batch."""
+    loss, mask, _ = _top1_batch()
+    whole = fill_unrouted(loss, mask)
+    halves = [(loss[:2], mask[:2]), (loss[2:], mask[2:])]
+    stats = [torch.stack([(ls * m).sum(), m.sum()]) for ls, m in halves]
+    for r, (ls, m) in enumerate(halves):
+        got = fill_unrouted(ls, m, lambda s, r=r: s + stats[1 - r])
+        torch.testing.assert_close(got, whole[2 * r : 2 * r + 2])
+
+
+def test_routed_logits_renormalise_over_the_computed_pairs():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    mask = torch.tensor([[True, False, True]])
+    probs = routed_logits(logits, mask).softmax(-1)
+    torch.testing.assert_close(probs, torch.tensor([[0.5 / 0.7, 0.0, 0.2 / 0.7]]))
+    assert routed_logits(logits, None) is logits

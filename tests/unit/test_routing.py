@@ -95,6 +95,55 @@ def test_evaluation_and_scores_are_dropless():
     got = evaluate(model, batches, LossConfig(), EvalConfig(), seed=3)
     want = evaluate(dropless, batches, LossConfig(), EvalConfig(), seed=3)
     assert got["neg_elbo"] == want["neg_elbo"] > 1.0
+    # Top-1: one routed expert, its probability renormalised to 1, so both forms are its L(x).
+    assert got["neg_elbo_mixture"] == pytest.approx(got["neg_elbo"], rel=1e-5)
     cfg = load_config(None, ["--model.num_experts=4", "--eval.batch_size=16"])
     _, nll = per_input(model, cfg, images, seed=3)
     assert (nll > 1.0).all()  # no input scored 0 for having been dropped
+
+
+def _flat_top1(route_noise: str, experts: int = 8) -> MixtureOfVAEs:
+    """Top-1 with a manager whose output ignores the input: logits = its last bias."""
+    cfg = ModelConfig(
+        num_experts=experts, routing="topk", top_k=1, capacity_factor=0.0,
+        route_noise=route_noise, **SMALL,
+    )  # fmt: skip
+    model = MixtureOfVAEs(cfg, (1, 3, 3))
+    with torch.no_grad():
+        model.manager.layers[-1].weight.zero_()
+    return model
+
+
+def test_gumbel_routing_samples_the_managers_probabilities():
+    """Greedy top-1 sends every input to the argmax; Gumbel routing picks expert i with
+    probability p_i, and evaluation (eval mode) stays greedy."""
+    probs = torch.tensor([0.4, 0.2, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05])
+    x = torch.rand(4000, 9)
+    counts = {}
+    for noise in ("none", "gumbel"):
+        model = _flat_top1(noise)
+        with torch.no_grad():
+            model.manager.layers[-1].bias.copy_(probs.log())
+        gen = torch.Generator().manual_seed(0)
+        counts[noise] = model.losses(x, LossConfig(), generator=gen).chosen_BE.sum(0).float()
+        model.eval()
+        assert (model.losses(x, LossConfig()).chosen_BE[:, 0]).all()
+    assert counts["none"][0] == len(x)
+    torch.testing.assert_close(counts["gumbel"] / len(x), probs, atol=0.03, rtol=0)
+
+
+def test_gumbel_routing_is_reproducible_with_a_generator():
+    model = _flat_top1("gumbel")
+    x = torch.rand(64, 9)
+    a, b = (model.losses(x, LossConfig(), generator=torch.Generator().manual_seed(5)) for _ in "ab")
+    assert torch.equal(a.chosen_BE, b.chosen_BE)
+    assert a.chosen_BE.sum(0).count_nonzero() > 4  # spread over the experts, not one
+
+
+def test_route_noise_needs_topk_routing():
+    from moe_vae.config import ConfigError, load_config
+
+    with pytest.raises(
+        ConfigError, match=r"model\.route_noise=gumbel .* needs model\.routing: topk"
+    ):
+        load_config(None, ["--model.route_noise=gumbel"])
