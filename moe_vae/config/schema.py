@@ -50,7 +50,9 @@ class ModelConfig(Section):
     # Top-k only, MLP experts: how each layer of all experts runs over their inputs. batched:
     # inputs padded to the capacity per expert, one batched matmul [E, C, ...]. grouped: inputs
     # sorted by expert with no capacity padding (rows aligned to 16 bytes), one grouped GEMM
-    # (torch._grouped_mm; bf16 on CUDA). Same drops, same losses.
+    # (torch._grouped_mm; bf16 on CUDA). Same drops, same losses. Grouped computes P + E x 16
+    # bytes of rows against batched's ~capacity_factor x P: it pays with many inputs per
+    # expert (> 32 in bf16 at capacity 1.25), not with a few (docs/performance.md).
     expert_gemm: Literal["batched", "grouped"] = "batched"
     # A hierarchical mixture, e.g. [10, 3]: 10 top-level experts, each itself a mixture of 3
     # VAEs with its own manager (the leaves, 30 VAEs, are the bank's experts: num_experts is

@@ -9,7 +9,7 @@ The kernel's alignment rules (CUDA, checked by torch's meta functions, so by tor
 any device too): every row stride a multiple of 16 bytes, and bf16 operands. So feature dims
 are zero-padded to 16 bytes, and each group starts on a 16-byte row boundary (the weight
 gradient is a grouped GEMM whose groups run along the rows). The layout has a fixed size,
-R = round_up(P + E*(align-1), align), whatever the routing: no host sync to size it, and
+R = round_up(P + E*align, align), whatever the routing: no host sync to size it, and
 static shapes for CUDA graphs. The last group absorbs the slack rows (zero inputs, their
 losses unused, so zero gradient).
 """
