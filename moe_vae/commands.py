@@ -125,6 +125,8 @@ def per_input(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Manager probabilities [N, E] and mixture negative log-likelihood [N] of every input."""
     gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()  # greedy top-k routing, as evaluation
     probs, nll = [], []
     for start in range(0, len(images), cfg.eval.batch_size):
         x_BD = to_inputs(images[start : start + cfg.eval.batch_size])
@@ -132,6 +134,7 @@ def per_input(
         probs.append(routed.logits_BE.softmax(-1))
         logits_BE = routed_logits(routed.logits_BE, routed.mask_BE)
         nll.append(mixture_nll_per_input(logits_BE, routed.loss_BE))
+    model.train(was_training)
     return torch.cat(probs).numpy(), torch.cat(nll).numpy()
 
 

@@ -125,6 +125,9 @@ class LossConfig(Section):
     likelihood: Literal["gaussian", "bernoulli"] = "gaussian"
     decoder_std: Annotated[float, Field(gt=0)] = 0.5
     # expected: mean_b Σ_i p_i L_i (the seed); mixture: mean_b −log Σ_i p_i exp(−L_i).
+    # With top-k routing use expected: mixture weighs each computed pair by its posterior
+    # against the batch-mean fill of the others, so an input harder than the batch's mean
+    # barely trains its expert (measured: its drops grow, docs/performance.md).
     objective: Literal["expected", "mixture"] = "expected"
     balancing_weight: Annotated[float, Field(ge=0)] = 0.1
     # The Switch Transformer's load-balancing term E · Σ_i f_i · P_i (f: share of the

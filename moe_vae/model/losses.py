@@ -81,10 +81,12 @@ def fill_unrouted(
     lowers the chosen experts' probability (towards experts never evaluated), and overflow
     lowers the loss: top-1 over 1024 experts dropped 99.8 % of its pairs. With the batch mean
     as the estimate the manager's gradient on a chosen expert is p(1 − p)(L − mean): raised where
-    it fits the input better than the batch's average pair, lowered where worse (a baseline, as
-    in REINFORCE), and a dropped pair is neutral."""
-    mask = mask_BE.to(loss_BE.dtype)
-    stats = torch.stack([(loss_BE * mask).sum(), mask.sum()]).detach()
+    its loss is below the batch's average computed pair, lowered where above (a baseline, as
+    in REINFORCE), and a dropped pair is neutral. The mean is over all inputs, so it also
+    reflects how hard the input is: a hard input lowers its chosen expert whichever it is.
+    A per-expert running mean would separate the two; not done."""
+    computed = loss_BE.detach().masked_fill(~mask_BE, 0.0)  # what lies elsewhere never counts
+    stats = torch.stack([computed.sum(), mask_BE.sum(dtype=loss_BE.dtype)])
     if sum_over_ranks is not None:  # the global batch's mean, as on one device
         stats = sum_over_ranks(stats)
     return torch.where(mask_BE, loss_BE, stats[0] / stats[1].clamp_min(1.0))

@@ -126,7 +126,7 @@ class MixtureOfVAEs(nn.Module):
     ) -> Routed:
         """The manager's logits and the routed experts' losses L_i(x) on this rank's inputs.
         `capacity_factor` (top-k): overrides the config's; 0 = dropless, what evaluation uses
-        (a dropped pair has no loss, and would count as a perfect fit)."""
+        (it renormalises over the computed pairs: a dropped input would have none)."""
 
         def local_losses(x: torch.Tensor, ids: torch.Tensor, groups: Groups | None) -> torch.Tensor:
             eps = None

@@ -25,19 +25,21 @@ def fresh_dynamo():
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
-    "routing,gemm,fused",
+    "routing,gemm,fused,noise",
     [
-        ("dense", "batched", False),
-        ("dense", "batched", True),
-        ("topk", "batched", False),
-        ("topk", "grouped", False),
+        ("dense", "batched", False, "none"),
+        ("dense", "batched", True, "none"),
+        ("topk", "batched", False, "none"),
+        ("topk", "batched", False, "gumbel"),
+        ("topk", "grouped", False, "none"),
     ],
 )
-def test_compiled_step_matches_eager(train_steps, weights_agree, routing, gemm, fused):
+def test_compiled_step_matches_eager(train_steps, weights_agree, routing, gemm, fused, noise):
     def losses(mode: str, sync: str) -> tuple[list[float], dict[str, torch.Tensor]]:
         return train_steps(
-            f"{mode}-{routing}-{gemm}-{fused}",
+            f"{mode}-{routing}-{gemm}-{fused}-{noise}",
             f"--model.routing={routing}",
+            f"--model.route_noise={noise}",
             f"--model.expert_gemm={gemm}",
             f"--model.fused_input={str(fused).lower()}",
             f"--train.compile={mode}",
@@ -57,7 +59,8 @@ def test_compiled_step_matches_eager(train_steps, weights_agree, routing, gemm, 
     rel = 1e-4 if gemm == "batched" else 1e-2
     assert len(eager) == 4
     assert compiled == pytest.approx(eager, rel=rel)
-    weights_agree(w_compiled, w_eager, adam_steps=4)
+    # Dense: every weight within 1e-4.
+    weights_agree(w_compiled, w_eager, adam_steps=4, share=0.0 if routing == "dense" else 5e-3)
 
 
 # Labels (30 %) and the warm start's pseudo-labels, its weight held for epoch 1, halved in
@@ -77,7 +80,8 @@ TARGETS = [
     "case,extra,steps",
     [
         ("dense", ["--model.routing=dense"], 12),
-        ("topk", ["--model.routing=topk", "--model.route_noise=gumbel"], 12),
+        ("topk", ["--model.routing=topk"], 12),
+        ("topk-gumbel", ["--model.routing=topk", "--model.route_noise=gumbel"], 12),
         ("targets", TARGETS, 30),
     ],
 )

@@ -73,8 +73,8 @@ def test_topk_config_rejects_k_above_experts():
 
 
 def test_evaluation_and_scores_are_dropless():
-    """A dropped pair has no loss and would count as a perfect fit: evaluation (test neg ELBO)
-    and `moe-vae score` (anomaly scores) route top-k without a capacity."""
+    """Evaluation (test neg ELBO) and `moe-vae score` (anomaly scores) route top-k without a
+    capacity: they renormalise over the computed pairs, and a dropped input has none."""
     from moe_vae.commands import per_input
     from moe_vae.config import load_config
     from moe_vae.config.schema import EvalConfig
@@ -147,3 +147,21 @@ def test_route_noise_needs_topk_routing():
         ConfigError, match=r"model\.route_noise=gumbel .* needs model\.routing: topk"
     ):
         load_config(None, ["--model.route_noise=gumbel"])
+
+
+def test_scores_route_greedily_whatever_the_models_mode():
+    """`moe-vae score` on a model left in training mode: its Gumbel routing must not sample."""
+    from moe_vae.commands import per_input
+    from moe_vae.config import load_config
+
+    model = _flat_top1("gumbel")
+    with torch.no_grad():
+        model.manager.layers[-1].weight.normal_()  # input-dependent choices
+    cfg = load_config(None, ["--model.num_experts=8", "--eval.batch_size=16"])
+    images = torch.randint(0, 256, (32, 1, 3, 3), dtype=torch.uint8)
+    model.train()
+    probs_train, nll_train = per_input(model, cfg, images, seed=3)
+    assert model.training  # restored
+    model.eval()
+    probs_eval, nll_eval = per_input(model, cfg, images, seed=3)
+    assert (probs_train == probs_eval).all() and (nll_train == nll_eval).all()
