@@ -22,9 +22,9 @@ from moe_vae.data.build import ensure_mnist_shards
 from moe_vae.data.loaders import load_in_memory
 from moe_vae.data.shardlist import resolve
 from moe_vae.errors import MoeVaeError
-from moe_vae.evaluate.evaluator import evaluate, to_inputs
+from moe_vae.evaluate.evaluator import evaluate, evaluation_losses, to_inputs
 from moe_vae.evaluate.plots import tile
-from moe_vae.model.losses import mixture_nll_per_input, routed_logits
+from moe_vae.model.losses import mixture_nll_per_input
 from moe_vae.model.mixture import MixtureOfVAEs
 
 
@@ -130,9 +130,8 @@ def per_input(
     probs, nll = [], []
     for start in range(0, len(images), cfg.eval.batch_size):
         x_BD = to_inputs(images[start : start + cfg.eval.batch_size])
-        routed = model.losses(x_BD, cfg.loss, generator=gen, capacity_factor=0.0)  # dropless
+        routed, logits_BE = evaluation_losses(model, x_BD, cfg.loss, gen)
         probs.append(routed.logits_BE.softmax(-1))
-        logits_BE = routed_logits(routed.logits_BE, routed.mask_BE)
         nll.append(mixture_nll_per_input(logits_BE, routed.loss_BE))
     model.train(was_training)
     return torch.cat(probs).numpy(), torch.cat(nll).numpy()

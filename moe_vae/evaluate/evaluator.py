@@ -14,12 +14,25 @@ import torch
 from moe_vae.config.schema import EvalConfig, LossConfig
 from moe_vae.evaluate.metrics import clustering_metrics, contingency
 from moe_vae.model.losses import expected_expert_loss, mixture_nll, routed_logits
-from moe_vae.model.mixture import MixtureOfVAEs
+from moe_vae.model.mixture import MixtureOfVAEs, Routed
 
 
 def to_inputs(images_BCHW: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float [B, D] in [0, 1], the model's input."""
     return images_BCHW.flatten(1).float().div_(255.0)
+
+
+def evaluation_losses(
+    model: MixtureOfVAEs,
+    x_BD: torch.Tensor,
+    loss_cfg: LossConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[Routed, torch.Tensor]:
+    """The forward that evaluation and scores share: top-k routed dropless, and the manager's
+    logits renormalised over the routed experts (−inf elsewhere; dense: unchanged). The model
+    should be in eval mode, so that top-k routes greedily."""
+    routed = model.losses(x_BD, loss_cfg, generator=generator, capacity_factor=0.0)
+    return routed, routed_logits(routed.logits_BE, routed.mask_BE)
 
 
 @torch.no_grad()
@@ -42,8 +55,7 @@ def evaluate(
     clusters, labels, expected, mixture, n = [], [], 0.0, 0.0, 0
     for images, labels_B in batches:
         x_BD = to_inputs(images.to(device))
-        routed = model.losses(x_BD, loss_cfg, generator=gen, capacity_factor=0.0)  # dropless
-        logits_BE = routed_logits(routed.logits_BE, routed.mask_BE)
+        routed, logits_BE = evaluation_losses(model, x_BD, loss_cfg, gen)
         expected += expected_expert_loss(logits_BE.softmax(-1), routed.loss_BE).item() * len(x_BD)
         mixture += mixture_nll(logits_BE, routed.loss_BE).item() * len(x_BD)
         n += len(x_BD)

@@ -475,29 +475,34 @@ class Trainer:
             return
         for batch in self.data.train.epoch_batches(epoch, skip=self.batches_done):
             x_BD = to_inputs(batch.images.to(self.device, non_blocking=True))
-            targets_B = None
-            if self.label_targets_N is not None and batch.index is not None:
-                targets_B = self.label_targets_N[batch.index]
+            targets_B, anchor = None, None
+            if batch.index is not None:  # in-memory data
+                weight = self.anchor.weight(epoch) if self.anchor is not None else 0.0
+                targets_B, anchor = self._table_targets(batch.index, weight or None)
             elif self.labels.active:  # streamed data: by key
                 targets_B = self.labels.targets(batch.keys, batch.labels.to(self.device))
-            anchor = None
-            if self.anchor is not None and self.anchor.weight(epoch) > 0:
-                # The warm start needs in-memory data: the table and the index are there.
-                assert self.anchor_targets_N is not None and batch.index is not None
-                anchor = (self.anchor_targets_N[batch.index], self.anchor.weight(epoch))
             terms, finite, stop = self.train_step(x_BD, targets_B, anchor)
             yield (self._accumulate(terms, len(x_BD)) if finite else None), stop
 
     def _recorded_step(self, idx_B: torch.Tensor) -> torch.Tensor:
         """train.cuda_graph's step, from the samples' indices to the step's values."""
         assert isinstance(self.data.train, InMemoryLoader)
-        targets_B = self.label_targets_N[idx_B] if self.label_targets_N is not None else None
-        anchor = None
-        if self.anchor_targets_N is not None:  # always recorded; weight 0 after its decay
-            anchor = (self.anchor_targets_N[idx_B], self.anchor_weight)
+        # The anchor is always recorded; its weight tensor reaches 0 after its decay.
+        targets_B, anchor = self._table_targets(idx_B, self.anchor_weight)
         x_BD = to_inputs(self.data.train.images[idx_B])
         terms, _, _ = self.train_step(x_BD, targets_B, anchor)
         return self._accumulate(terms, len(idx_B))
+
+    def _table_targets(
+        self, idx_B: torch.Tensor, anchor_weight: float | torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, float | torch.Tensor] | None]:
+        """In-memory data: the samples' label targets and the warm start's (pseudo-labels,
+        `anchor_weight`; None: no anchor term), looked up in the per-sample tables."""
+        targets_B = self.label_targets_N[idx_B] if self.label_targets_N is not None else None
+        anchor = None
+        if self.anchor_targets_N is not None and anchor_weight is not None:
+            anchor = (self.anchor_targets_N[idx_B], anchor_weight)
+        return targets_B, anchor
 
     def _accumulate(self, terms: LossTerms, batch: int) -> torch.Tensor:
         """The step's values of STEP_KEYS, added to the epoch's sums (on the device)."""
