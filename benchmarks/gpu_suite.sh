@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every single-GPU figure of docs/performance.md, on a machine with a CUDA GPU:
 #   bash benchmarks/gpu_suite.sh [OUT_DIR] [PART ...]
-# PART: tests graph_tests recipe profile train_eager train batch topk scaling (default: all of
-# them, in that order).
+# PART: tests graph_tests recipe profile train_eager train batch topk topk_levers scaling
+# (default: all of them, in that order).
 # Each part should take under 10 minutes on an H100, so a time-limited session can run them in
 # separate calls. Each step's command line and output go to OUT_DIR/<step>.txt, and one line
 # per step (name, exit code, seconds) to OUT_DIR/summary.txt. A failing step is recorded and
@@ -12,7 +12,7 @@ set -uo pipefail
 OUT=${1:-gpu_results}
 shift || true
 PARTS=("$@")
-ALL=(tests graph_tests recipe profile train_eager train batch topk scaling)
+ALL=(tests graph_tests recipe profile train_eager train batch topk topk_levers scaling)
 [ ${#PARTS[@]} -eq 0 ] && PARTS=("${ALL[@]}")
 mkdir -p "$OUT"
 # The installed command, or the package run from this checkout.
@@ -102,6 +102,21 @@ part_topk() {  # top-1, 16 vs 1024 experts, both GEMM layouts (target: 1024 >= 5
         "${MANY[@]}" "${TOP1[@]}" --model.num_experts="$experts" --model.expert_gemm="$gemm" \
         "${GRAPH[@]}"
     done
+  done
+}
+
+# The two levers on top-1's optimizer traffic (every expert's weights and Adam state, read
+# and written each step, docs/performance.md): weights and moments in bf16 (half the bytes),
+# and a larger batch (the same bytes over 4x the inputs). Batched layout, whole-step graph.
+part_topk_levers() {
+  local experts
+  for experts in 16 1024; do
+    step "topk_${experts}_bf16true" timeout 280 "${MV[@]}" bench --no-baseline --steps 100 \
+      --repeats 3 "${MANY[@]}" "${TOP1[@]}" --model.num_experts="$experts" \
+      --model.expert_gemm=batched "${GRAPH[@]}" --train.precision=bf16-true
+    step "topk_${experts}_batch16k" timeout 280 "${MV[@]}" bench --no-baseline --steps 50 \
+      --repeats 3 "${MANY[@]}" "${TOP1[@]}" --model.num_experts="$experts" \
+      --model.expert_gemm=batched "${GRAPH[@]}" --train.batch_size=16384
   done
 }
 

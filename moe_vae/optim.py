@@ -35,10 +35,18 @@ def build_adam(
 
 def nonfinite_flag(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
     """1.0 where the loss or any gradient holds a NaN or inf, else 0.0: a 0-dim float tensor on
-    the loss's device, not read back. The gradients go through the multi-tensor check that
+    the loss's device, not read back. fp32 gradients go through the multi-tensor check that
     torch's GradScaler uses (one kernel launch for all of them on a GPU, where a sum per
-    gradient is one each); its unscale multiplies them by exactly 1."""
+    gradient is one each); its unscale multiplies them by exactly 1. Its CUDA kernel has no
+    bf16 (pytorch/pytorch#127176), so bf16 gradients (train.precision=bf16-true) are checked by
+    their norms, one multi-tensor kernel too: a NaN or inf anywhere makes its tensor's norm
+    one. The same split on every device, so a CPU runs the path a GPU does."""
     found = (~torch.isfinite(loss.detach())).float()
-    if grads:
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, found.new_ones(()))
+    checked = [g for g in grads if g.dtype != torch.bfloat16]
+    by_norm = [g for g in grads if g.dtype == torch.bfloat16]
+    if checked:
+        torch._amp_foreach_non_finite_check_and_unscale_(checked, found, found.new_ones(()))
+    if by_norm:
+        norms = torch.stack(torch._foreach_norm(by_norm)).float()
+        found = torch.maximum(found, (~torch.isfinite(norms)).any().float())
     return found

@@ -185,7 +185,10 @@ class TrainConfig(Section):
     # Global batch: split evenly over data-parallel ranks.
     # One process (plain engine): bf16 = autocast (bf16 matmuls, fp32 weights and loss sums),
     # on CPU too; fp16 is not offered there. DeepSpeed: its bf16 / fp16 modes, GPU only.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # bf16-true (one process): weights, gradients and Adam's moments stored in bf16 too, half
+    # the optimizer's memory traffic (what bounds top-1 over many experts); routing and loss
+    # sums stay fp32. Updates smaller than half a bf16 step of a weight are lost.
+    precision: Literal["fp32", "bf16", "bf16-true", "fp16"] = "fp32"
     # torch.compile the step's forward and loss (backward follows through AOTAutograd): none,
     # or a torch.compile mode; reduce-overhead also captures CUDA graphs on a GPU.
     compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"

@@ -72,6 +72,11 @@ def load_trained(
         )
         raise CheckpointError(f"checkpoint {str(file)!r} is of another model shape ({diff})")
     model = MixtureOfVAEs(cfg.model, tuple(shape))  # type: ignore[arg-type]
+    # In the dtype the weights were trained in (bf16 under train.precision=bf16-true), so that
+    # an evaluation here computes what the trainer's own did.
+    stored = {w.dtype for w in weights.values() if w.is_floating_point()}
+    if len(stored) == 1:
+        model.to(stored.pop())
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

@@ -69,7 +69,7 @@ class ExpertBank(nn.Module):
             eps_EBZ = torch.randn(
                 mu_EBZ.shape, generator=generator, device=mu_EBZ.device, dtype=mu_EBZ.dtype
             )
-        z_EBZ = mu_EBZ + var_EBZ.sqrt() * eps_EBZ
+        z_EBZ = mu_EBZ + var_EBZ.sqrt() * eps_EBZ.to(mu_EBZ.dtype)  # fixed noise is fp32
         return ExpertOutput(mu_EBZ, var_EBZ, z_EBZ, self.decode(z_EBZ, groups=groups))
 
 

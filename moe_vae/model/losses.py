@@ -84,7 +84,9 @@ def fill_unrouted(
     its loss is below the batch's average computed pair, lowered where above (a baseline, as
     in REINFORCE), and a dropped pair is neutral. The mean is over all inputs, so it also
     reflects how hard the input is: a hard input lowers its chosen expert whichever it is.
-    A per-expert running mean would separate the two; not done."""
+    A per-expert running mean would not change that (the hard input is above every expert's
+    mean too): telling difficulty from fit needs another expert's loss on the same input,
+    which top-k with k >= 2 computes."""
     computed = loss_BE.detach().masked_fill(~mask_BE, 0.0)  # what lies elsewhere never counts
     stats = torch.stack([computed.sum(), mask_BE.sum(dtype=loss_BE.dtype)])
     if sum_over_ranks is not None:  # the global batch's mean, as on one device

@@ -90,9 +90,16 @@ class MixtureOfVAEs(nn.Module):
         )
         self.noise: NoiseFn | None = None
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in (bf16 under train.precision=bf16-true): inputs
+        and latents are cast to it on the way in, outputs and logits leave in fp32."""
+        return next(self.experts.parameters()).dtype
+
     def _inputs(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the manager and the expert bank read: the input itself, or with
         model.fused_input their activated first layers ([B, M] and [E, B, H]) from one GEMM."""
+        x_BD = x_BD.to(self.weight_dtype)
         if self.input_layer is None:
             return x_BD, x_BD
         h_BM, h_EBH = self.input_layer(x_BD)
@@ -100,21 +107,27 @@ class MixtureOfVAEs(nn.Module):
 
     def manager_logits(self, x_BD: torch.Tensor) -> torch.Tensor:
         """The manager's logits over all experts [B, E] (alone: eval, assign, label replay)."""
+        x_BD = x_BD.to(self.weight_dtype)
         if self.input_layer is None:
-            return self.manager(x_BD)
+            return self.manager(x_BD).float()
         M = self.input_layer.manager_width  # the manager's columns of the fused layer only
         h_BM = torch.addmm(self.input_layer.bias_F[:M], x_BD, self.input_layer.weight_IF[:, :M])
-        return self.manager(self.act(h_BM))
+        return self.manager(self.act(h_BM)).float()
 
     def forward(
         self, x_BD: torch.Tensor, generator: torch.Generator | None = None
     ) -> MixtureOutput:
         """Manager over all experts, and this bank's experts on every input."""
         manager_in, experts_in = self._inputs(x_BD)
-        logits_BE = self.manager(manager_in)
+        logits_BE = self.manager(manager_in).float()
         out = self.experts(experts_in, generator=generator)
         return MixtureOutput(
-            logits_BE, logits_BE.softmax(-1), out.mu_EBZ, out.var_EBZ, out.z_EBZ, out.x_logits_EBD
+            logits_BE,
+            logits_BE.softmax(-1),
+            out.mu_EBZ.float(),
+            out.var_EBZ.float(),
+            out.z_EBZ.float(),
+            out.x_logits_EBD.float(),
         )
 
     def losses(
@@ -137,13 +150,14 @@ class MixtureOfVAEs(nn.Module):
                 eps = self.noise(experts, ids, self.cfg.z_dim)
             # Fused: dense routing on one shard (config- and parallelize-checked), so x is
             # x_BD and the experts read their first layer's output computed with the manager's.
-            experts_in = x if experts_in_fused is None else experts_in_fused
+            experts_in = x.to(self.weight_dtype) if experts_in_fused is None else experts_in_fused
             out = self.experts(experts_in, generator=generator, eps_EBZ=eps, groups=groups)
             return elbo_losses(x, out, loss_cfg)
 
         manager_in, experts_in_BD = self._inputs(x_BD)
         experts_in_fused = experts_in_BD if self.input_layer is not None else None
-        logits_BE = self.manager(manager_in)
+        # Routing and the loss read fp32 logits whatever the manager ran in (bf16).
+        logits_BE = self.manager(manager_in).float()
         if self.cfg.routing == "dense":
             loss_BE = self.dispatcher.expert_losses(x_BD, local_losses)
             return Routed(logits_BE, loss_BE, levels=self.cfg.hierarchy)
@@ -190,13 +204,15 @@ class MixtureOfVAEs(nn.Module):
     def generate(self, z_NZ: torch.Tensor, expert: int) -> torch.Tensor:
         """Decode latents with one chosen expert: images in [0, 1], [N, D]."""
         idx = torch.tensor([self._local_index(expert)], device=z_NZ.device)
-        return self.experts.decode(z_NZ[None], experts=idx)[0].sigmoid()
+        z_1NZ = z_NZ[None].to(self.weight_dtype)
+        return self.experts.decode(z_1NZ, experts=idx)[0].float().sigmoid()
 
     @torch.no_grad()
     def decode_all(self, z_NZ: torch.Tensor) -> torch.Tensor:
         """The same latents decoded by every expert of the bank (the seed's figure): [E_l, N, D]."""
         E = self.experts.num_experts
-        return self.experts.decode(z_NZ.expand(E, *z_NZ.shape).contiguous()).sigmoid()
+        z_ENZ = z_NZ.to(self.weight_dtype).expand(E, *z_NZ.shape).contiguous()
+        return self.experts.decode(z_ENZ).float().sigmoid()
 
     @torch.no_grad()
     def sample(self, n: int, expert: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -152,7 +152,10 @@ class Trainer:
 
         self.model = MixtureOfVAEs(cfg.model, self.image_shape, expert_ids=self.par.expert_ids)
         parallelize(self.model, self.par, cfg.train.seed)
-        self.model.to(self.device)
+        # bf16-true: weights (and so gradients and Adam's moments) stored in bf16; the model
+        # casts its inputs. After initialisation in fp32: the same initial weights, rounded.
+        weight_dtype = torch.bfloat16 if cfg.train.precision == "bf16-true" else torch.float32
+        self.model.to(self.device, weight_dtype)
         if cfg.train.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

@@ -94,11 +94,27 @@ def test_deferred_step_never_waits_for_the_host(tmp_path, monkeypatch, repo, swi
     assert torch.isfinite(terms.total).item()
 
 
-def test_bf16_autocast_on_cuda(train_steps):
-    fp32, _ = train_steps("fp32", CUDA)
-    bf16, _ = train_steps("bf16", CUDA, "--train.precision=bf16")
+@pytest.mark.parametrize("routing", ["dense", "topk"])
+def test_bf16_on_cuda(train_steps, routing):
+    """Autocast, and bf16-true's bf16 weights through the whole-step graph (capturable fused
+    Adam over bf16 weights and moments)."""
+    fp32, _ = train_steps(f"fp32-{routing}", CUDA, f"--model.routing={routing}")
+    bf16, _ = train_steps(
+        f"bf16-{routing}", CUDA, f"--model.routing={routing}", "--train.precision=bf16"
+    )
+    true, w = train_steps(
+        f"bf16-true-{routing}",
+        CUDA,
+        f"--model.routing={routing}",
+        "--train.precision=bf16-true",
+        "--train.host_sync=log",
+        "--train.cuda_graph=true",
+        steps=8,
+    )
     assert bf16 != fp32
     assert bf16 == pytest.approx(fp32, rel=2e-2)
+    assert true[:4] == pytest.approx(fp32, rel=2e-2)
+    assert {t.dtype for t in w.values()} == {torch.bfloat16}
 
 
 @pytest.mark.timeout(120)  # an empty group once hung CUDA's grouped kernel (pytorch#152668)

@@ -37,6 +37,32 @@ def test_eval_matches_the_training_evaluation(run_dir, tmp_path):
     assert json.loads(proc.stdout)["num_samples"] == 200
 
 
+def test_bf16_true_run_evaluates_as_trained(tmp_path):
+    """Weights stored in bf16: loaded in bf16, evaluated as the trainer did; images in fp32."""
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"--output.dir={tmp_path}",
+            "--output.name=b",
+            "--track.wandb=disabled",
+            "--train.precision=bf16-true",
+        ],
+    )
+    run = train(cfg, quiet=True).run_dir
+    model, _ = load_trained(run)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    out = tmp_path / "m.json"
+    proc = run_cli("eval", "--checkpoint", str(run), "--limit", "200", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    metrics, trained = json.loads(out.read_text()), json.loads((run / "eval.json").read_text())
+    for key in ("accuracy", "nmi", "neg_elbo"):
+        assert metrics[key] == pytest.approx(trained[key], rel=1e-5), key
+    npy = str(tmp_path / "s.npy")
+    proc = run_cli("sample", "--checkpoint", str(run), "--mixture", "--n", "4", "--out", npy)
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "s.npy").dtype == np.float32
+
+
 def test_sample_from_an_expert_and_from_the_mixture(run_dir, tmp_path):
     proc = run_cli(
         "sample",

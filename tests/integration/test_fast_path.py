@@ -2,8 +2,8 @@
 
 train.compile: the compiled step (what reduce-overhead turns into CUDA graphs on a GPU) computes
 the same losses and weights as the eager step. Compiled, the grouped GEMM runs in bf16 (what it
-does on a GPU), so that case is compared at bf16's tolerance. train.precision=bf16 in one
-process: autocast, close to fp32."""
+does on a GPU), so that case is compared at bf16's tolerance. train.precision=bf16 (autocast)
+and bf16-true (bf16 weights) in one process: close to fp32."""
 
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ TARGETS = [
         ("dense", ["--model.routing=dense"], 12),
         ("topk", ["--model.routing=topk"], 12),
         ("topk-gumbel", ["--model.routing=topk", "--model.route_noise=gumbel"], 12),
+        ("bf16-true", ["--train.precision=bf16-true"], 12),
         ("targets", TARGETS, 30),
     ],
 )
@@ -99,14 +100,24 @@ def test_cuda_graph_step_is_the_same_step(train_steps, case, extra, steps):
         torch.testing.assert_close(w_graph[name], w, rtol=0, atol=0, msg=name)
 
 
-def test_bf16_autocast_in_one_process(train_steps):
-    fp32, w32 = train_steps("fp32")
-    bf16, w16 = train_steps("bf16", "--train.precision=bf16")
-    assert bf16 != fp32  # the matmuls really ran in bf16
+@pytest.mark.parametrize("routing", ["dense", "topk"])
+def test_bf16_in_one_process(train_steps, routing):
+    """bf16 (autocast): bf16 matmuls, fp32 weights. bf16-true: the weights themselves (so the
+    gradients and Adam's moments) in bf16. Both close to fp32 over 4 steps; top-k's routing
+    reads the manager's logits in fp32 either way."""
+    extra = [f"--model.routing={routing}", "--model.route_noise=none"]
+    fp32, w32 = train_steps(f"fp32-{routing}", *extra)
+    bf16, w16 = train_steps(f"bf16-{routing}", *extra, "--train.precision=bf16")
+    true, wt = train_steps(f"bf16-true-{routing}", *extra, "--train.precision=bf16-true")
+    assert bf16 != fp32 and true != fp32  # the matmuls really ran in bf16
     assert bf16 == pytest.approx(fp32, rel=2e-2)
+    assert true == pytest.approx(fp32, rel=2e-2)
     for name, w in w32.items():
         assert w16[name].dtype == torch.float32, name  # fp32 weights: Adam updates them
+        assert wt[name].dtype == torch.bfloat16, name  # stored in bf16
         torch.testing.assert_close(w16[name], w, rtol=0, atol=8e-3, msg=name)  # 4 steps of lr
+        # bf16-true: 4 steps of lr, plus the weight's own rounding (2^-8 of its size)
+        torch.testing.assert_close(wt[name].float(), w, rtol=2**-8, atol=8e-3, msg=name)
 
 
 def test_fp16_needs_deepspeed(train_steps):

@@ -42,10 +42,13 @@ def _mnist_shards(out):
     return str(out / manifest["pattern"])
 
 
-@pytest.mark.parametrize("loader", ["memory", "stream"])
-def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, repo, loader):
+@pytest.mark.parametrize(
+    "loader,precision", [("memory", "fp32"), ("stream", "fp32"), ("memory", "bf16-true")]
+)
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, repo, loader, precision):
+    """bf16-true: the checkpoint keeps the bf16 weights and Adam's bf16 moments as they were."""
     monkeypatch.chdir(repo)
-    extra = [f"--data.loader={loader}"]
+    extra = [f"--data.loader={loader}", f"--train.precision={precision}"]
     if loader == "stream":  # DataLoader workers streaming standard WebDataset samples
         extra += [
             "--data.name=shards",
@@ -68,6 +71,8 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, repo, load
     wa = load_file(full.run_dir / "model.safetensors")
     wb = load_file(resumed.run_dir / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert {w.dtype for w in wa.values()} == {dtype}
     keys = ("loss/total", "loss/expected", "loss/balancing")
     assert [[r[k] for k in keys] for r in full.epochs] == [
         [r[k] for k in keys] for r in resumed.epochs

@@ -58,3 +58,9 @@ def test_missing_or_broken_knob_file(tmp_path):
 def test_batch_must_split_evenly():
     with pytest.raises(MoeVaeError, match=r"train\.batch_size=100 \(global\) must divide evenly"):
         deepspeed_dict(load_config(None), 3, load_knobs(None))
+
+
+def test_bf16_true_is_the_plain_engines():
+    cfg = load_config(None, ["--train.precision=bf16-true"])
+    with pytest.raises(MoeVaeError, match=r"bf16-true is for one process.*train\.precision=bf16"):
+        deepspeed_dict(cfg, 2, load_knobs(None))

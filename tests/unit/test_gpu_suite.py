@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
-PARTS = ["recipe", "profile", "train_eager", "train", "batch", "topk", "scaling"]
+PARTS = ["recipe", "profile", "train_eager", "train", "batch", "topk", "topk_levers", "scaling"]
 
 
 def _suite(tmp_path: Path, stub_body: str, *parts: str) -> subprocess.CompletedProcess:
@@ -44,7 +44,7 @@ def test_every_step_resolves_its_config(tmp_path):
     proc = _suite(tmp_path, f'exec "{real}" "$@" --print-config', *PARTS)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = _summary(tmp_path)
-    assert len(summary) == 20
+    assert len(summary) == 24
     # Every step resolved its config; the comparison found no finished runs and said so.
     assert summary.pop("compare") == 2
     assert summary == dict.fromkeys(summary, 0), proc.stdout[-3000:]
@@ -55,6 +55,8 @@ def test_every_step_resolves_its_config(tmp_path):
     assert "num_experts: 1024" in grouped and "expert_gemm: grouped" in grouped
     assert "batch_size: 4096" in grouped and "routing: topk" in grouped
     assert "precision: bf16" in (out / "batch4096_graph_bf16.txt").read_text()
+    assert "precision: bf16-true" in (out / "topk_1024_bf16true.txt").read_text()
+    assert "batch_size: 16384" in (out / "topk_1024_batch16k.txt").read_text()
     assert "cuda_graph: true" in (out / "train_graph.txt").read_text()
 
 

@@ -58,8 +58,9 @@ def _syncing(events) -> list[str]:
         ["--model.routing=topk", "--model.top_k=2", "--model.expert_gemm=grouped"],
         ["--model.routing=topk", "--model.route_noise=gumbel"],
         ["--optim.grad_clip=1.0"],
+        ["--train.precision=bf16-true"],
     ],
-    ids=["dense", "fused-input", "topk", "topk-grouped", "topk-gumbel", "grad-clip"],
+    ids=["dense", "fused-input", "topk", "topk-grouped", "topk-gumbel", "grad-clip", "bf16-true"],
 )
 def test_deferred_step_calls_no_syncing_op(tmp_path, monkeypatch, repo, extra):
     monkeypatch.chdir(repo)
