@@ -6,8 +6,9 @@
 # Each part should take under 10 minutes on an H100, so a time-limited session can run them in
 # separate calls. Each step's command line and output go to OUT_DIR/<step>.txt, and one line
 # per step (name, exit code, seconds) to OUT_DIR/summary.txt. A failing step is recorded and
-# the rest still run. Written on a CPU machine: syntax and flag sets checked there, not yet run
-# on a GPU.
+# the rest still run. Give OUT_DIR a folder that comes back even when a call runs past its time
+# limit (the device tool's $OUT), so a part cut off still returns what it measured. Written on
+# a CPU machine: syntax and flag sets checked there, not yet run on a GPU.
 set -uo pipefail
 OUT=${1:-gpu_results}
 shift || true
