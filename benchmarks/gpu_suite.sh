@@ -107,17 +107,20 @@ part_topk() {  # top-1, 16 vs 1024 experts, both GEMM layouts (target: 1024 >= 5
 }
 
 # The two levers on top-1's optimizer traffic (every expert's weights and Adam state, read
-# and written each step, docs/performance.md): weights and moments in bf16 (half the bytes),
-# and a larger batch (the same bytes over 4x the inputs). Batched layout, whole-step graph.
+# and written each step, docs/performance.md): weights and moments in bf16 (half the bytes;
+# stochastic rounding, the default, and torch's fused Adam rounding to nearest), and a larger
+# batch (the same bytes over 4x the inputs). Batched layout, whole-step graph.
 part_topk_levers() {
   local experts
   for experts in 16 1024; do
-    step "topk_${experts}_bf16true" timeout 280 "${MV[@]}" bench --no-baseline --steps 100 \
-      --repeats 3 "${MANY[@]}" "${TOP1[@]}" --model.num_experts="$experts" \
-      --model.expert_gemm=batched "${GRAPH[@]}" --train.precision=bf16-true
-    step "topk_${experts}_batch16k" timeout 280 "${MV[@]}" bench --no-baseline --steps 50 \
-      --repeats 3 "${MANY[@]}" "${TOP1[@]}" --model.num_experts="$experts" \
-      --model.expert_gemm=batched "${GRAPH[@]}" --train.batch_size=16384
+    local top1=(bench --no-baseline --repeats 2 "${MANY[@]}" "${TOP1[@]}"
+      --model.num_experts="$experts" --model.expert_gemm=batched "${GRAPH[@]}")
+    step "topk_${experts}_bf16true" timeout 200 "${MV[@]}" "${top1[@]}" --steps 100 \
+      --train.precision=bf16-true
+    step "topk_${experts}_bf16true_nearest" timeout 200 "${MV[@]}" "${top1[@]}" --steps 100 \
+      --train.precision=bf16-true --optim.bf16_rounding=nearest
+    step "topk_${experts}_batch16k" timeout 200 "${MV[@]}" "${top1[@]}" --steps 50 \
+      --train.batch_size=16384
   done
 }
 

@@ -8,15 +8,31 @@ from typing import Any
 import torch
 
 from moe_vae.config.schema import OptimConfig
+from moe_vae.stochastic_adam import StochasticRoundingAdam
 
 
 def build_adam(
-    params: Iterable[Any], cfg: OptimConfig, capturable: bool = False
-) -> torch.optim.Adam:
+    params: Iterable[Any],
+    cfg: OptimConfig,
+    capturable: bool = False,
+    stochastic_bf16: bool = False,
+    compiled: bool = False,
+) -> torch.optim.Optimizer:
     """Adam with the config's hyper-parameters. `optim.impl` picks torch's implementation (the
     same algorithm): fused (one kernel over all parameters, CPU and CUDA), foreach (a few
     multi-tensor kernels) or loop (one set of kernels per parameter, torch's CPU default).
-    `capturable`: its step counts stay on the device, so a CUDA graph can record the step."""
+    `capturable`: its step counts stay on the device, so a CUDA graph can record the step.
+    `stochastic_bf16`: bf16 weights written back with stochastic rounding instead (our own
+    step, through torch.compile if `compiled`; its step counts always live on the device)."""
+    if stochastic_bf16:
+        return StochasticRoundingAdam(
+            params,
+            lr=cfg.lr,
+            betas=(cfg.betas[0], cfg.betas[1]),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            compiled=compiled,
+        )
     impl: dict[str, Any] = {
         "fused": {"fused": True},
         "foreach": {"foreach": True},

@@ -172,7 +172,10 @@ class Trainer:
                 "here (parallel.engine: deepspeed); in one process use train.precision: bf16"
             )
         self.deferred = cfg.train.host_sync == "log"
-        if self.deferred and (self.engine is not None or cfg.optim.impl != "fused"):
+        # bf16 weights rounded stochastically: our Adam, which skips on the device like fused
+        stochastic = weight_dtype == torch.bfloat16 and cfg.optim.bf16_rounding == "stochastic"
+        skips_on_device = cfg.optim.impl == "fused" or stochastic
+        if self.deferred and (self.engine is not None or not skips_on_device):
             raise MoeVaeError(
                 "train.host_sync=log needs one process with the plain engine and "
                 "optim.impl=fused (the fused Adam kernel is what skips a non-finite step)"
@@ -193,6 +196,8 @@ class Trainer:
                 self.model.parameters(),
                 cfg.optim,
                 capturable=cfg.train.cuda_graph and self.device.type == "cuda",
+                stochastic_bf16=stochastic,
+                compiled=cfg.train.compile != "none",
             )
         )
         if world > 1:  # ranks draw their own latent noise (their experts and inputs differ)

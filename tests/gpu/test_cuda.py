@@ -96,8 +96,8 @@ def test_deferred_step_never_waits_for_the_host(tmp_path, monkeypatch, repo, swi
 
 @pytest.mark.parametrize("routing", ["dense", "topk"])
 def test_bf16_on_cuda(train_steps, routing):
-    """Autocast, and bf16-true's bf16 weights through the whole-step graph (capturable fused
-    Adam over bf16 weights and moments)."""
+    """Autocast, and bf16-true's bf16 weights through the whole-step graph over a compiled
+    forward: the stochastic-rounding Adam, compiled, its random draws inside the graph."""
     fp32, _ = train_steps(f"fp32-{routing}", CUDA, f"--model.routing={routing}")
     bf16, _ = train_steps(
         f"bf16-{routing}", CUDA, f"--model.routing={routing}", "--train.precision=bf16"
@@ -109,6 +109,7 @@ def test_bf16_on_cuda(train_steps, routing):
         "--train.precision=bf16-true",
         "--train.host_sync=log",
         "--train.cuda_graph=true",
+        "--train.compile=default",
         steps=8,
     )
     assert bf16 != fp32

@@ -44,7 +44,7 @@ def test_every_step_resolves_its_config(tmp_path):
     proc = _suite(tmp_path, f'exec "{real}" "$@" --print-config', *PARTS)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = _summary(tmp_path)
-    assert len(summary) == 24
+    assert len(summary) == 26
     # Every step resolved its config; the comparison found no finished runs and said so.
     assert summary.pop("compare") == 2
     assert summary == dict.fromkeys(summary, 0), proc.stdout[-3000:]
@@ -56,6 +56,7 @@ def test_every_step_resolves_its_config(tmp_path):
     assert "batch_size: 4096" in grouped and "routing: topk" in grouped
     assert "precision: bf16" in (out / "batch4096_graph_bf16.txt").read_text()
     assert "precision: bf16-true" in (out / "topk_1024_bf16true.txt").read_text()
+    assert "bf16_rounding: nearest" in (out / "topk_1024_bf16true_nearest.txt").read_text()
     assert "batch_size: 16384" in (out / "topk_1024_batch16k.txt").read_text()
     assert "cuda_graph: true" in (out / "train_graph.txt").read_text()
 

@@ -1,6 +1,7 @@
 """The non-finite check that gates every update: a NaN or inf in the loss or in any single
 gradient element raises the flag, for fp32 gradients (torch's AMP multi-tensor check) and bf16
-ones (train.precision=bf16-true: by their norms, as CUDA's AMP kernel has no bf16)."""
+ones (train.precision=bf16-true: by their norms, as CUDA's AMP kernel has no bf16). And the
+Adam for bf16 weights: torch's Adam rounded stochastically, unbiased, skipping on found_inf."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from moe_vae.optim import nonfinite_flag
+from moe_vae.stochastic_adam import StochasticRoundingAdam, round_stochastic
 
 
 def _grads(dtype: torch.dtype) -> list[torch.Tensor]:
@@ -36,3 +38,104 @@ def test_mixed_dtypes_and_a_bad_loss():
     grads[-1][0, 1, 1] = float("inf")  # the bf16 half only
     assert nonfinite_flag(torch.tensor(2.0), grads).item() == 1.0
     assert nonfinite_flag(torch.tensor(2.0), []).item() == 0.0
+
+
+def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
+    torch.manual_seed(0)
+    x = torch.tensor([1.0 + 2**-9, -(3.0 + 2**-8), 0.1, 1e-30])  # between two bf16 values
+    draws = torch.stack([round_stochastic(x) for _ in range(20000)]).float()
+    down = x.to(torch.bfloat16).float()  # ... and the values either side
+    for i in range(len(x)):
+        assert set(draws[:, i].unique().tolist()) <= {v.item() for v in _neighbours(x[i])}, draws[
+            :, i
+        ].unique()
+    torch.testing.assert_close(draws.mean(0), x, rtol=2e-4, atol=0)
+    exact = torch.tensor([1.0, -0.5, 0.0, 3.0]).to(torch.bfloat16).float()
+    assert torch.equal(round_stochastic(exact).float(), exact)
+    assert not torch.equal(draws.mean(0), down)  # nearest rounding would be biased here
+
+
+def _neighbours(x: torch.Tensor) -> list[torch.Tensor]:
+    """The bf16 values just below and above |x| (with its sign)."""
+    bits = x.view(torch.int32) & -65536
+    lo = bits.view(torch.float32)
+    hi = (bits + 65536).view(torch.float32)
+    return [lo, hi]
+
+
+def _adam_pair(weight_decay: float = 0.0):
+    """The same bf16 weights and gradient for torch's Adam (in fp32) and ours (in bf16)."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 32, generator=gen).to(torch.bfloat16)
+    g = torch.randn(64, 32, generator=gen).to(torch.bfloat16)
+    ref = torch.nn.Parameter(w.float())
+    ours = torch.nn.Parameter(w.clone())
+    ref.grad, ours.grad = g.float(), g.clone()
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    return ref, torch.optim.Adam([ref], **kw), ours, StochasticRoundingAdam([ours], **kw)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_stochastic_adam_is_torch_adam_rounded(weight_decay):
+    """Each step lands on one of the two bf16 neighbours of torch's fp32 Adam result."""
+    ref, ref_opt, ours, opt = _adam_pair(weight_decay)
+    for _ in range(3):
+        ref_opt.step()
+        opt.step()
+        lo = ref.detach().to(torch.bfloat16).float()
+        ulp = lo.abs() * 2**-7
+        assert ((ours.float() - ref.detach()).abs() <= ulp).all()
+        ref.data.copy_(ours.float())  # both go on from our rounded weights
+        st, rs = opt.state[ours], ref_opt.state[ref]
+        rs["exp_avg"].copy_(st["exp_avg"].float())
+        rs["exp_avg_sq"].copy_(st["exp_avg_sq"].float())
+    assert opt.state[ours]["step"].item() == 3
+    assert opt.state[ours]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_stochastic_adam_skips_on_found_inf_and_keeps_small_updates():
+    _, _, ours, opt = _adam_pair()
+    before = ours.detach().clone()
+    opt.found_inf = torch.ones(())
+    opt.step()  # skipped before any state: everything at its start
+    assert torch.equal(ours, before) and opt.state[ours]["step"].item() == 0
+    assert not opt.state[ours]["exp_avg"].any()
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    assert not torch.equal(ours, before) and opt.state[ours]["step"].item() == 1
+
+    # Updates of 1e-4 on weights of 1.0 (a bf16 step there is 2^-7): nearest rounding keeps
+    # every weight at 1.0, stochastic rounding moves them by 1000 x 1e-4 on average.
+    torch.manual_seed(0)
+    moved = {}
+    for name, cls in [("nearest", torch.optim.Adam), ("stochastic", StochasticRoundingAdam)]:
+        w = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        o = cls([w], lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        for _ in range(1000):
+            w.grad = torch.ones_like(w)  # Adam's step is then lr in size
+            o.step()
+        moved[name] = (1.0 - w.float()).mean().item()
+    assert moved["nearest"] == 0.0
+    assert moved["stochastic"] == pytest.approx(0.1, rel=0.05)
+
+
+@pytest.mark.timeout(300)
+def test_compiled_stochastic_step_matches_eager():
+    """The step as train.compile runs it (inductor, told to draw eager's random numbers) writes
+    the same bf16 weights and moments as the eager step."""
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        _, _, ours, opt = _adam_pair(weight_decay=0.1)
+        opt = StochasticRoundingAdam([ours], 1e-2, (0.9, 0.999), 1e-8, 0.1, compiled=compiled)
+        torch.manual_seed(3)
+        with torch._inductor.config.patch(fallback_random=True):
+            for _ in range(3):
+                opt.step()
+        st = opt.state[ours]
+        results.append([ours.detach().clone(), st["exp_avg"].clone(), st["exp_avg_sq"].clone()])
+    torch._dynamo.reset()
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
