@@ -17,7 +17,9 @@ ALL=(tests graph_tests recipe profile train_eager train batch topk topk_levers s
 [ ${#PARTS[@]} -eq 0 ] && PARTS=("${ALL[@]}")
 mkdir -p "$OUT"
 # The installed command, or the package run from this checkout.
-if command -v moe-vae >/dev/null; then MV=(moe-vae); else MV=(python3 -m moe_vae); fi
+# The Python that has torch and moe_vae (PYTHON overrides python3).
+PY=${PYTHON:-python3}
+if command -v moe-vae >/dev/null; then MV=(moe-vae); else MV=("$PY" -m moe_vae); fi
 # The fast path, two ways. FAST: torch.compile's CUDA graphs of forward and backward. GRAPH:
 # the whole step (with Adam and the batch gather) as one CUDA graph over a compiled forward.
 # Both: no host sync inside a step, TF32, fused Adam (the default); dense routing adds the
@@ -46,13 +48,13 @@ step() {  # step NAME COMMAND...: run it, keep its command line, output, exit co
 part_tests() {  # the device, and the CUDA-only tests but the graphs' (sync rule, bf16 kernels)
   step device nvidia-smi
   # Fails without CUDA: then every test in tests/gpu would be skipped, and pass.
-  step versions python3 -c "import torch; print(torch.__version__, torch.version.cuda,
+  step versions "$PY" -c "import torch; print(torch.__version__, torch.version.cuda,
 torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
-  step gpu_tests python3 -m pytest -q -rs -p no:cacheprovider tests/gpu -k "not matches_eager"
+  step gpu_tests "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu -k "not matches_eager"
 }
 
 part_graph_tests() {  # CUDA graphs (torch.compile's and the whole step) against eager
-  step gpu_graph_tests python3 -m pytest -q -rs -p no:cacheprovider tests/gpu -k matches_eager
+  step gpu_graph_tests "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu -k matches_eager
 }
 
 part_recipe() {  # founding recipe (E=10, batch 100): eager and fast path beside the naive loop
@@ -82,7 +84,7 @@ part_train() {  step train_fast "${MV[@]}" train --config configs/mnist_seed.yam
     "${RUN[@]}" --output.name=fast "${DENSE_FAST[@]}"
   step train_graph "${MV[@]}" train --config configs/mnist_seed.yaml \
     "${RUN[@]}" --output.name=graph "${DENSE_GRAPH[@]}"
-  step compare python3 benchmarks/compare_runs.py "$OUT/runs/eager" "$OUT/runs/fast" \
+  step compare "$PY" benchmarks/compare_runs.py "$OUT/runs/eager" "$OUT/runs/fast" \
     "$OUT/runs/graph"
 }
 
@@ -112,6 +114,8 @@ part_topk() {  # top-1, 16 vs 1024 experts, both GEMM layouts (target: 1024 >= 5
 # batch (the same bytes over 4x the inputs). Batched layout, whole-step graph.
 part_topk_levers() {
   local experts
+  # The optimizer step alone over the 1024-expert parameter count, four ways.
+  step bf16_adam "$PY" benchmarks/bf16_adam.py --steps 50
   for experts in 16 1024; do
     local top1=(bench --no-baseline --repeats 2 "${MANY[@]}" "${TOP1[@]}"
       --model.num_experts="$experts" --model.expert_gemm=batched "${GRAPH[@]}")

@@ -23,7 +23,11 @@ def _suite(tmp_path: Path, stub_body: str, *parts: str) -> subprocess.CompletedP
     stub = bin_dir / "moe-vae"
     stub.write_text(f"#!/bin/sh\n{stub_body}\n")
     stub.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PYTHON": sys.executable,  # the suite's own Python steps (bf16_adam needs torch)
+    }
     return subprocess.run(
         ["bash", str(SUITE), str(tmp_path / "out"), *parts],
         cwd=REPO,
@@ -44,7 +48,7 @@ def test_every_step_resolves_its_config(tmp_path):
     proc = _suite(tmp_path, f'exec "{real}" "$@" --print-config', *PARTS)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = _summary(tmp_path)
-    assert len(summary) == 26
+    assert len(summary) == 27
     # Every step resolved its config; the comparison found no finished runs and said so.
     assert summary.pop("compare") == 2
     assert summary == dict.fromkeys(summary, 0), proc.stdout[-3000:]
@@ -57,6 +61,7 @@ def test_every_step_resolves_its_config(tmp_path):
     assert "precision: bf16" in (out / "batch4096_graph_bf16.txt").read_text()
     assert "precision: bf16-true" in (out / "topk_1024_bf16true.txt").read_text()
     assert "bf16_rounding: nearest" in (out / "topk_1024_bf16true_nearest.txt").read_text()
+    assert "stochastic bf16, compiled" in (out / "bf16_adam.txt").read_text()
     assert "batch_size: 16384" in (out / "topk_1024_batch16k.txt").read_text()
     assert "cuda_graph: true" in (out / "train_graph.txt").read_text()
 

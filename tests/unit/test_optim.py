@@ -139,3 +139,28 @@ def test_compiled_stochastic_step_matches_eager():
     torch._dynamo.reset()
     for eager, compiled in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.timeout(300)
+def test_bf16_adam_benchmark_prints_every_row():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bf16_adam.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--params", "5000", "--tensors", "3", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = re.findall(r"^(\S.*?)\s+([\d.]+)\s+([\d.]+)x$", proc.stdout, re.M)
+    assert [r[0] for r in rows] == [
+        "fused fp32",
+        "fused bf16 (nearest)",
+        "stochastic bf16, eager",
+        "stochastic bf16, compiled",
+    ]
+    assert rows[0][2] == "1.00" and all(float(ms) > 0 for _, ms, _ in rows)
