@@ -56,7 +56,8 @@ def nonfinite_flag(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tenso
     gradient is one each); its unscale multiplies them by exactly 1. Its CUDA kernel has no
     bf16 (pytorch/pytorch#127176), so bf16 gradients (train.precision=bf16-true) are checked by
     their norms, one multi-tensor kernel too: a NaN or inf anywhere makes its tensor's norm
-    one. The same split on every device, so a CPU runs the path a GPU does."""
+    non-finite (so would a norm past bf16's range, ~3e38, itself a broken step). The same
+    split on every device, so a CPU runs the path a GPU does."""
     found = (~torch.isfinite(loss.detach())).float()
     checked = [g for g in grads if g.dtype != torch.bfloat16]
     by_norm = [g for g in grads if g.dtype == torch.bfloat16]
