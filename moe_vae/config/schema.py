@@ -299,7 +299,8 @@ class OutputConfig(Section):
     dir: str = "runs"
     # Run directory name under `dir`; null = "<timestamp>".
     name: str | None = None
-    # Refuse to write into a run directory that already holds outputs, unless true.
+    # Refuse to write into a run directory that already holds outputs, unless true (then its
+    # earlier outputs are deleted before the new run starts).
     overwrite: bool = False
 
 

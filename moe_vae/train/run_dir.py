@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -35,11 +36,15 @@ def check_output_dir(cfg: OutputConfig) -> None:
 def prepare_run_dir(cfg: OutputConfig, default_name: str = "run") -> Path:
     name = cfg.name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.dir).expanduser() / name
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
-        raise RunDirError(
-            f"run directory {str(run_dir)!r} already holds outputs: choose another "
-            f"--output.name or pass --output.overwrite=true"
-        )
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.overwrite:
+            raise RunDirError(
+                f"run directory {str(run_dir)!r} already holds outputs: choose another "
+                f"--output.name or pass --output.overwrite=true"
+            )
+        # A fresh run in place of the old one: its metrics.jsonl is appended to (resume needs
+        # that) and its checkpoints would be found by resume=auto, so the old outputs go.
+        shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -236,7 +236,8 @@ class Trainer:
             run_dir: Path | None = resume.parent
         else:
             # resume=auto with nothing to resume: start in that directory (a requeued job).
-            out_cfg = cfg.output.model_copy(update={"overwrite": cfg.train.resume == "auto"})
+            overwrite = cfg.output.overwrite or cfg.train.resume == "auto"
+            out_cfg = cfg.output.model_copy(update={"overwrite": overwrite})
             run_dir = prepare_run_dir(out_cfg, run_name) if self.par.is_main else None
         self.run_dir: Path = self.par.broadcast(run_dir)
         self.tracker: MultiTracker | None = None

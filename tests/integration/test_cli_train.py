@@ -139,7 +139,7 @@ def test_cli_errors_are_clean(args, expected, tmp_path):
     assert list(tmp_path.iterdir()) == []  # bad input is caught before a run directory exists
 
 
-def test_existing_run_directory_is_never_overwritten(tmp_path):
+def test_existing_run_directory_is_overwritten_only_when_asked(tmp_path):
     run = tmp_path / "keep"
     run.mkdir()
     (run / "metrics.jsonl").write_text("precious\n")
@@ -149,6 +149,24 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
     assert proc.returncode == 2 and "already holds outputs" in proc.stderr
     assert (run / "metrics.jsonl").read_text() == "precious\n"
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+    # ... unless asked to: the old outputs go and the new run's take their place (the flag
+    # was ignored before)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step-9.pt").write_text("stale")
+    proc = run_cli(
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        f"--output.dir={tmp_path}",
+        "--output.name=keep",
+        "--output.overwrite=true",
+        "--train.max_steps=2",
+        "--track.wandb=disabled",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "precious" not in (run / "metrics.jsonl").read_text()
+    assert not (run / "checkpoints" / "step-9.pt").exists()
+    assert (run / "model.safetensors").exists()
 
 
 def test_print_config_and_help():
