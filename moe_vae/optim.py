@@ -24,29 +24,17 @@ def build_adam(
     `capturable`: its step counts stay on the device, so a CUDA graph can record the step.
     `stochastic_bf16`: bf16 weights written back with stochastic rounding instead (our own
     step, through torch.compile if `compiled`; its step counts always live on the device)."""
+    hyper: dict[str, Any] = dict(
+        lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
     if stochastic_bf16:
-        return StochasticRoundingAdam(
-            params,
-            lr=cfg.lr,
-            betas=(cfg.betas[0], cfg.betas[1]),
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            compiled=compiled,
-        )
+        return StochasticRoundingAdam(params, compiled=compiled, **hyper)
     impl: dict[str, Any] = {
         "fused": {"fused": True},
         "foreach": {"foreach": True},
         "loop": {"foreach": False},
     }[cfg.impl]
-    return torch.optim.Adam(
-        params,
-        lr=cfg.lr,
-        betas=(cfg.betas[0], cfg.betas[1]),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        capturable=capturable,
-        **impl,
-    )
+    return torch.optim.Adam(params, capturable=capturable, **hyper, **impl)
 
 
 def nonfinite_flag(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:

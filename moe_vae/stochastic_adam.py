@@ -5,10 +5,12 @@ Rounded to the nearest bf16, an update smaller than half a bf16 step of its weig
 0.999 (a 0.1 % change). The founding recipe's training loss then stops falling early
 (docs/results.md). Rounded up or down with probabilities given by the distance, every
 weight and moment is right on average, so small updates add up as in fp32, with the same bf16
-storage: the bytes moved per parameter stay half of fp32 Adam's.
+storage.
 
 The step is one function over the lists of weights, gradients and moments, computed in fp32:
-eager, or compiled by torch.compile into a few fused kernels (train.compile). Like torch's
+eager (a dozen elementwise passes per tensor), or through torch.compile (train.compile), which
+should fuse it into kernels that move half the bytes of fp32 Adam (not yet measured on a GPU;
+on a CPU the random draws dominate either way, docs/performance.md). Like torch's
 fused Adam it reads `found_inf` (a device flag): where it is 1 nothing changes, step counts
 included, with no host sync, so it works under train.host_sync=log and inside the recorded
 CUDA graph (its step counts live on the device).
@@ -97,10 +99,12 @@ class StochasticRoundingAdam(torch.optim.Optimizer):
             if not params:
                 continue
             for p in params:
-                if p.dtype != torch.bfloat16:
-                    raise ValueError(f"StochasticRoundingAdam needs bf16 weights, got {p.dtype}")
                 state = self.state[p]
-                if not state:
+                if not state:  # the first step: checked and allocated once
+                    if p.dtype != torch.bfloat16:
+                        raise ValueError(
+                            f"StochasticRoundingAdam needs bf16 weights, got {p.dtype}"
+                        )
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

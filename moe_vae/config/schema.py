@@ -192,7 +192,7 @@ class TrainConfig(Section):
     # on CPU too; fp16 is not offered there. DeepSpeed: its bf16 / fp16 modes, GPU only.
     # bf16-true (one process): weights, gradients and Adam's moments stored in bf16 too, half
     # the optimizer's memory traffic (what bounds top-1 over many experts); routing and loss
-    # sums stay fp32. Updates smaller than half a bf16 step of a weight are lost.
+    # sums stay fp32. How Adam rounds its bf16 writes: optim.bf16_rounding.
     precision: Literal["fp32", "bf16", "bf16-true", "fp16"] = "fp32"
     # torch.compile the step's forward and loss (backward follows through AOTAutograd): none,
     # or a torch.compile mode; reduce-overhead also captures CUDA graphs on a GPU.
