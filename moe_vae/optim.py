@@ -17,18 +17,20 @@ def build_adam(
     capturable: bool = False,
     stochastic_bf16: bool = False,
     compiled: bool = False,
+    seed: int = 0,
 ) -> torch.optim.Optimizer:
     """Adam with the config's hyper-parameters. `optim.impl` picks torch's implementation (the
     same algorithm): fused (one kernel over all parameters, CPU and CUDA), foreach (a few
     multi-tensor kernels) or loop (one set of kernels per parameter, torch's CPU default).
     `capturable`: its step counts stay on the device, so a CUDA graph can record the step.
     `stochastic_bf16`: bf16 weights written back with stochastic rounding instead (our own
-    step, through torch.compile if `compiled`; its step counts always live on the device)."""
+    step, through torch.compile if `compiled`; its step counts always live on the device;
+    `seed` picks its rounding draws)."""
     hyper: dict[str, Any] = dict(
         lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
     )
     if stochastic_bf16:
-        return StochasticRoundingAdam(params, compiled=compiled, **hyper)
+        return StochasticRoundingAdam(params, seed=seed, compiled=compiled, **hyper)
     impl: dict[str, Any] = {
         "fused": {"fused": True},
         "foreach": {"foreach": True},

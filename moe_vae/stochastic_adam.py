@@ -7,13 +7,18 @@ Rounded to the nearest bf16, an update smaller than half a bf16 step of its weig
 weight and moment is right on average, so small updates add up as in fp32, with the same bf16
 storage.
 
+The random bits are not drawn from torch's generator: they are a hash of (seed, step count,
+tensor, element), counter-based like Philox. So the step needs no generator state (a resumed
+run rounds as the uninterrupted one would, and the model's own draws are the same in fp32
+and bf16-true), the compiled step computes the bits inside its one fused loop instead of
+reading a tensor of them (CPU: 33x faster than torch's generator, docs/performance.md), and a
+CUDA graph records it like any elementwise kernel.
+
 The step is one function over the lists of weights, gradients and moments, computed in fp32:
-eager (a dozen elementwise passes per tensor), or through torch.compile (train.compile), which
-should fuse it into kernels that move half the bytes of fp32 Adam (not yet measured on a GPU;
-on a CPU the random draws dominate either way, docs/performance.md). Like torch's
-fused Adam it reads `found_inf` (a device flag): where it is 1 nothing changes, step counts
-included, with no host sync, so it works under train.host_sync=log and inside the recorded
-CUDA graph (its step counts live on the device).
+eager (a few dozen elementwise passes per tensor), or through torch.compile (train.compile),
+which fuses it. Like torch's fused Adam it reads `found_inf` (a device flag): where it is 1
+nothing changes, step counts included, with no host sync, so it works under
+train.host_sync=log and inside the recorded CUDA graph (its step counts live on the device).
 """
 
 from __future__ import annotations
@@ -29,12 +34,48 @@ _LOW_BITS = 1 << 16
 _HIGH_MASK = -_LOW_BITS  # 0xFFFF0000 as an int32
 
 
-def round_stochastic(x: torch.Tensor) -> torch.Tensor:
-    """fp32 -> bf16, rounded away from or towards zero with probability by distance: unbiased.
-    Values already representable in bf16 come back unchanged."""
-    bits = x.float().contiguous().view(torch.int32)
-    noise = torch.randint_like(bits, 0, _LOW_BITS)
-    return ((bits + noise) & _HIGH_MASK).view(torch.float32).to(torch.bfloat16)
+def _int32(v: int) -> int:
+    """A Python int as the int32 with the same low 32 bits (two's complement)."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+# Constants of a 32-bit xor-shift-multiply finaliser with full avalanche (every input bit
+# flips each output bit with probability ~1/2); the golden-ratio step spreads stream numbers.
+_MUL1, _MUL2, _GOLDEN = _int32(0x7FEB352D), _int32(0x846CA68B), _int32(0x9E3779B9)
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash of int32 tensors, elementwise: the same bits as the
+    uint32 arithmetic (multiplies wrap; the masks make int32's arithmetic >> logical)."""
+    x = x ^ ((x >> 16) & 0xFFFF)  # a new tensor: the rest updates it in place (fewer buffers)
+    x *= _MUL1
+    x ^= (x >> 15) & 0x1FFFF
+    x *= _MUL2
+    x ^= (x >> 16) & 0xFFFF
+    return x
+
+
+def stream_key(step: torch.Tensor, stream: int) -> torch.Tensor:
+    """The 0-dim int32 key of one draw: a hash of the step count (a device tensor) and a
+    stream number (seed and tensor, fixed per run)."""
+    return hash32(hash32(step.to(torch.int32)) ^ _int32(stream * _GOLDEN))
+
+
+def random_bits(like: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """32 random-looking bits per element of `like` (int32, its shape): hash32(i ^ key) for
+    element i, so a new key gives a new, independent-looking draw everywhere. Its low and
+    high 16 bits are two draws (the hash's avalanche makes them look independent)."""
+    index = torch.arange(like.numel(), dtype=torch.int32, device=like.device)
+    return hash32(index ^ key).view(like.shape)
+
+
+def round_stochastic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16, rounded away from or towards zero with probability by distance, by the
+    low 16 bits of `bits` (int32, x's shape): unbiased when those are uniform. Values already
+    representable in bf16 come back unchanged."""
+    x_bits = x.float().contiguous().view(torch.int32)
+    return ((x_bits + (bits & (_LOW_BITS - 1))) & _HIGH_MASK).view(torch.float32).to(torch.bfloat16)
 
 
 def adam_step_stochastic(
@@ -43,6 +84,7 @@ def adam_step_stochastic(
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
+    streams: list[int],
     found_inf: torch.Tensor,
     lr: float,
     beta1: float,
@@ -51,9 +93,13 @@ def adam_step_stochastic(
     weight_decay: float,
 ) -> None:
     """One Adam update (torch's algorithm: L2 weight decay, bias-corrected moments), in fp32,
-    written back to bf16 stochastically; skipped entirely where found_inf is 1."""
+    written back to bf16 stochastically; skipped entirely where found_inf is 1. `streams`:
+    one number per tensor: one 32-bit draw of stream 2s rounds its weight (low 16 bits) and
+    first moment (high 16 bits), one of stream 2s+1 its second moment."""
     skip = found_inf.bool()
-    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+    for p, g, m, v, step, s in zip(
+        params, grads, exp_avgs, exp_avg_sqs, steps, streams, strict=True
+    ):
         step_new = step + (1.0 - found_inf)
         g32, p32 = g.float(), p.float()
         if weight_decay:
@@ -64,14 +110,18 @@ def adam_step_stochastic(
         m_hat = m32 / (1.0 - torch.pow(beta1, step_new))
         v_hat = v32 / (1.0 - torch.pow(beta2, step_new))
         p_new = p32 - lr * m_hat / (v_hat.sqrt() + eps)
-        p.copy_(torch.where(skip, p, round_stochastic(p_new)))
-        m.copy_(torch.where(skip, m, round_stochastic(m32)))
-        v.copy_(torch.where(skip, v, round_stochastic(v32)))
+        bits_pm = random_bits(p, stream_key(step_new, 2 * s))
+        bits_v = random_bits(p, stream_key(step_new, 2 * s + 1))
+        p.copy_(torch.where(skip, p, round_stochastic(p_new, bits_pm)))
+        m.copy_(torch.where(skip, m, round_stochastic(m32, bits_pm >> 16)))
+        v.copy_(torch.where(skip, v, round_stochastic(v32, bits_v)))
         step.copy_(step_new)
 
 
 class StochasticRoundingAdam(torch.optim.Optimizer):
     """Adam over bf16 weights whose moments are bf16 too, every write rounded stochastically.
+    `seed`: picks the rounding draws (train.seed); the k-th parameter over all groups rounds
+    with stream seed * 2^20 + k, the same for every run with that seed and model.
     `compiled`: the step through torch.compile (one compilation; the lists' shapes are fixed)."""
 
     def __init__(
@@ -81,12 +131,15 @@ class StochasticRoundingAdam(torch.optim.Optimizer):
         betas: tuple[float, float],
         eps: float,
         weight_decay: float,
+        seed: int = 0,
         compiled: bool = False,
     ) -> None:
         # capturable: the step counts are device tensors (what checkpoints and graphs expect)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, capturable=True)
         super().__init__(params, defaults)
         self.found_inf: torch.Tensor | None = None
+        params_in_order = [p for group in self.param_groups for p in group["params"]]
+        self._stream = {p: (seed << 20) + k for k, p in enumerate(params_in_order)}
         step_fn: Callable[..., None] = adam_step_stochastic
         self._step_fn = torch.compile(step_fn) if compiled else step_fn
 
@@ -118,6 +171,7 @@ class StochasticRoundingAdam(torch.optim.Optimizer):
                 [self.state[p]["exp_avg"] for p in params],
                 [self.state[p]["exp_avg_sq"] for p in params],
                 [self.state[p]["step"] for p in params],
+                [self._stream[p] for p in params],
                 found,
                 float(group["lr"]),
                 float(beta1),

@@ -177,8 +177,9 @@ class OptimConfig(Section):
     impl: Literal["fused", "foreach", "loop"] = "fused"
     # train.precision=bf16-true only: how Adam writes the bf16 weights and moments.
     # stochastic: up or down at random, right on average, so updates smaller than a bf16 step
-    # still add up (moe_vae/stochastic_adam.py; compiled with train.compile). nearest: torch's
-    # fused Adam, which loses them (the recipe's loss stalls ~10 nats short of fp32).
+    # still add up (moe_vae/stochastic_adam.py; its random bits a hash of seed, step and
+    # element; slow unless train.compile fuses it). nearest: torch's fused Adam, which loses
+    # them (the recipe's loss stalls ~10 nats short of fp32).
     bf16_rounding: Literal["stochastic", "nearest"] = "stochastic"
 
 

@@ -173,3 +173,20 @@ def test_whole_step_graph_is_recorded_and_replayed(tmp_path, monkeypatch, repo):
     assert len({losses[s] for s in range(4, 9)}) == 5  # every replay was a new step
     # The epoch's sums were kept inside the graph: they add up the logged losses.
     assert trainer.epoch_sums[0].item() == pytest.approx(sum(losses.values()), rel=1e-5)
+
+
+def test_rounding_draws_are_the_same_on_cuda_eager_and_compiled():
+    """The stochastic-rounding hash in CUDA's int32 arithmetic (eager kernels and inductor's
+    Triton) gives the CPU's bits, so a run's rounding does not depend on where it ran."""
+    from moe_vae.stochastic_adam import random_bits, round_stochastic, stream_key
+
+    def draw(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bits = random_bits(x, stream_key(torch.tensor(17.0, device=x.device), 5))
+        return bits, round_stochastic(x, bits)
+
+    x = torch.randn(100_003, generator=torch.Generator().manual_seed(0))
+    cpu_bits, cpu_rounded = draw(x)
+    for fn in (draw, torch.compile(draw)):
+        bits, rounded = fn(x.cuda())
+        assert torch.equal(bits.cpu(), cpu_bits)
+        assert torch.equal(rounded.cpu(), cpu_rounded)

@@ -1,7 +1,8 @@
 """The non-finite check that gates every update: a NaN or inf in the loss or in any single
 gradient element raises the flag, for fp32 gradients (torch's AMP multi-tensor check) and bf16
 ones (train.precision=bf16-true: by their norms, as CUDA's AMP kernel has no bf16). And the
-Adam for bf16 weights: torch's Adam rounded stochastically, unbiased, skipping on found_inf."""
+Adam for bf16 weights: torch's Adam rounded stochastically, unbiased, skipping on found_inf,
+its random bits a hash of (seed, step, tensor, element)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import pytest
 import torch
 
 from moe_vae.optim import nonfinite_flag
-from moe_vae.stochastic_adam import StochasticRoundingAdam, round_stochastic
+from moe_vae.stochastic_adam import (
+    StochasticRoundingAdam,
+    hash32,
+    random_bits,
+    round_stochastic,
+    stream_key,
+)
 
 
 def _grads(dtype: torch.dtype) -> list[torch.Tensor]:
@@ -40,10 +47,36 @@ def test_mixed_dtypes_and_a_bad_loss():
     assert nonfinite_flag(torch.tensor(2.0), []).item() == 0.0
 
 
+def _hash32_reference(v: int) -> int:
+    """The finaliser in plain unsigned 32-bit arithmetic (Python ints, masked)."""
+    v ^= v >> 16
+    v = (v * 0x7FEB352D) & 0xFFFFFFFF
+    v ^= v >> 15
+    v = (v * 0x846CA68B) & 0xFFFFFFFF
+    return v ^ (v >> 16)
+
+
+def test_hash32_is_the_unsigned_arithmetic_and_spreads_bits():
+    """int32 tensor arithmetic (wrapping multiplies, masked arithmetic shifts) gives the
+    uint32 hash's bits, for negative int32s too; its low 16 bits (the rounding draw) are
+    uniform over consecutive inputs."""
+    values = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1, 0x9E3779B9]
+    signed = [v - 2**32 if v >= 2**31 else v for v in values]
+    got = hash32(torch.tensor(signed, dtype=torch.int32)).tolist()
+    assert [g & 0xFFFFFFFF for g in got] == [_hash32_reference(v) for v in values]
+    low = (hash32(torch.arange(1 << 16, dtype=torch.int32)) & 0xFFFF).float()
+    counts = torch.histc(low, bins=16, min=0, max=65536)
+    assert (counts - 4096).abs().max() < 4 * 64  # 4 sigma of a uniform count
+    assert len(set(hash32(torch.arange(1000, dtype=torch.int32)).tolist())) == 1000  # bijective
+
+
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
-    torch.manual_seed(0)
     x = torch.tensor([1.0 + 2**-9, -(3.0 + 2**-8), 0.1, 1e-30])  # between two bf16 values
-    draws = torch.stack([round_stochastic(x) for _ in range(20000)]).float()
+    bits = [random_bits(x, stream_key(torch.tensor(float(step)), 7)) for step in range(20000)]
+    draws = torch.stack([round_stochastic(x, b) for b in bits]).float()
+    high = torch.stack([round_stochastic(x, b >> 16) for b in bits]).float()  # moment's draw
+    torch.testing.assert_close(high.mean(0), x, rtol=2e-4, atol=0)
+    assert (high != draws).float().mean() > 0.2  # not the same draw
     down = x.to(torch.bfloat16).float()  # ... and the values either side
     for i in range(len(x)):
         assert set(draws[:, i].unique().tolist()) <= {v.item() for v in _neighbours(x[i])}, draws[
@@ -51,7 +84,7 @@ def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
         ].unique()
     torch.testing.assert_close(draws.mean(0), x, rtol=2e-4, atol=0)
     exact = torch.tensor([1.0, -0.5, 0.0, 3.0]).to(torch.bfloat16).float()
-    assert torch.equal(round_stochastic(exact).float(), exact)
+    assert torch.equal(round_stochastic(exact, bits[0]).float(), exact)
     assert not torch.equal(draws.mean(0), down)  # nearest rounding would be biased here
 
 
@@ -121,19 +154,16 @@ def test_stochastic_adam_skips_on_found_inf_and_keeps_small_updates():
 
 @pytest.mark.timeout(300)
 def test_compiled_stochastic_step_matches_eager():
-    """The step as train.compile runs it (inductor, told to draw eager's random numbers) writes
-    the same bf16 weights and moments as the eager step."""
-    import torch._inductor.config
-
+    """The step as train.compile runs it (inductor fuses the hash into its loop) writes the
+    same bf16 weights and moments as the eager step, whatever torch's generator holds."""
     torch._dynamo.reset()
     results = []
     for compiled in (False, True):
         _, _, ours, opt = _adam_pair(weight_decay=0.1)
         opt = StochasticRoundingAdam([ours], 1e-2, (0.9, 0.999), 1e-8, 0.1, compiled=compiled)
-        torch.manual_seed(3)
-        with torch._inductor.config.patch(fallback_random=True):
-            for _ in range(3):
-                opt.step()
+        torch.manual_seed(int(compiled))  # different generator states: not read
+        for _ in range(3):
+            opt.step()
         st = opt.state[ours]
         results.append([ours.detach().clone(), st["exp_avg"].clone(), st["exp_avg_sq"].clone()])
     torch._dynamo.reset()
@@ -164,3 +194,39 @@ def test_bf16_adam_benchmark_prints_every_row():
         "stochastic bf16, compiled",
     ]
     assert rows[0][2] == "1.00" and all(float(ms) > 0 for _, ms, _ in rows)
+
+
+def _run_stochastic(seed: int, steps: int, split_at: int | None = None) -> list[torch.Tensor]:
+    """`steps` steps on two bf16 tensors; with split_at, the optimizer is rebuilt from its
+    state_dict there (a resume) and torch's generator is disturbed."""
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(300, generator=gen).bfloat16()) for _ in range(2)]
+    grads = [[torch.randn(300, generator=gen).bfloat16() for _ in params] for _ in range(steps)]
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed=seed)
+    opt = StochasticRoundingAdam(params, **kw)
+    for i in range(steps):
+        if i == split_at:
+            saved = opt.state_dict()
+            torch.manual_seed(99)
+            torch.rand(1000)
+            opt = StochasticRoundingAdam(params, **kw)
+            opt.load_state_dict(saved)
+        for p, g in zip(params, grads[i], strict=True):
+            p.grad = g
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def test_rounding_draws_depend_on_seed_step_and_tensor_only():
+    """A resumed optimizer rounds as the uninterrupted one did (no generator state to save);
+    another seed rounds differently; two tensors with the same values round differently."""
+    whole = _run_stochastic(seed=0, steps=6)
+    resumed = _run_stochastic(seed=0, steps=6, split_at=3)
+    assert all(torch.equal(a, b) for a, b in zip(whole, resumed, strict=True))
+    other = _run_stochastic(seed=1, steps=6)
+    assert not all(torch.equal(a, b) for a, b in zip(whole, other, strict=True))
+    x = torch.full((4096,), 1.0 + 2**-9)
+    step = torch.tensor(1.0)
+    a, b = (round_stochastic(x, random_bits(x, stream_key(step, s))) for s in (0, 2))
+    assert not torch.equal(a, b)
+    assert abs((a.float() == 1.0).float().mean().item() - 0.75) < 0.05  # 1/4 of the way up
