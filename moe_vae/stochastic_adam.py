@@ -9,10 +9,11 @@ storage.
 
 The random bits are not drawn from torch's generator: they are a hash of (seed, step count,
 tensor, element), counter-based like Philox. So the step needs no generator state (a resumed
-run rounds as the uninterrupted one would, and the model's own draws are the same in fp32
-and bf16-true), the compiled step computes the bits inside its one fused loop instead of
-reading a tensor of them (CPU: 33x faster than torch's generator, docs/performance.md), and a
-CUDA graph records it like any elementwise kernel.
+run rounds as the uninterrupted one would, and the optimizer takes nothing from the
+generator the model draws its noise from), the compiled step computes the bits inside its
+fused loop instead of reading a tensor of them (CPU: the compiled step ~10x faster than
+with torch's generator, docs/performance.md), and a CUDA graph records it like any
+elementwise kernel.
 
 The step is one function over the lists of weights, gradients and moments, computed in fp32:
 eager (a few dozen elementwise passes per tensor), or through torch.compile (train.compile),
