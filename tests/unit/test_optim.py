@@ -70,6 +70,19 @@ def test_hash32_is_the_unsigned_arithmetic_and_spreads_bits():
     assert len(set(hash32(torch.arange(1000, dtype=torch.int32)).tolist())) == 1000  # bijective
 
 
+@pytest.mark.timeout(300)
+def test_compiled_hash_wraps_as_eager_does():
+    """Inductor's C++ is built without -fwrapv, so its int32 multiplies overflowing would be
+    undefined behaviour in scalar code: check its vector loop and its remainder (an odd
+    length) give eager's bits."""
+    torch._dynamo.reset()
+    x = torch.randn(1001)
+    key = stream_key(torch.tensor(3.0), 11)
+    compiled = torch.compile(random_bits)(x, key)
+    torch._dynamo.reset()
+    assert torch.equal(compiled, random_bits(x, key))
+
+
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
     x = torch.tensor([1.0 + 2**-9, -(3.0 + 2**-8), 0.1, 1e-30])  # between two bf16 values
     bits = [random_bits(x, stream_key(torch.tensor(float(step)), 7)) for step in range(20000)]
