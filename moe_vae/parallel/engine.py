@@ -88,8 +88,10 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int) -> Any:
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    if cfg.train.precision != "fp32" and not torch.cuda.is_available():
-        raise MoeVaeError(f"train.precision={cfg.train.precision} needs a GPU; use fp32 on CPU")
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise MoeVaeError(
+            "train.precision=fp16 needs a GPU (DeepSpeed's fp16 mode); on CPU use fp32 or bf16"
+        )
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "parameters"}
     )

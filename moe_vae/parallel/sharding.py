@@ -17,6 +17,9 @@ from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.parallel.setup import Parallel
 
 EXPERT_PREFIX = "experts."
+# In a parameter's saved optimizer state: DeepSpeed's fp32 master copy of a bf16/fp16 weight
+# (the model's own weights are those rounded, so a resume from them alone would round too).
+MASTER_KEY = "fp32_master"
 
 
 def full_state_dict(model: MixtureOfVAEs, par: Parallel) -> dict[str, torch.Tensor]:
@@ -44,9 +47,47 @@ def load_full_state_dict(model: MixtureOfVAEs, full: dict[str, torch.Tensor]) ->
     model.load_state_dict(local)
 
 
+# Where DeepSpeed's optimizers keep their flat fp32 partitions: ZeRO 1/2's, and the one ZeRO 0
+# uses under bf16 (fp32 master weights for the bf16 module). Both link every parameter's
+# fragments to them, which deepspeed.utils' safe_get/set_full_* read and write.
+_FLAT_FP32 = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition")
+
+
 def zero_optimizer(optim: Any) -> Any | None:
-    """DeepSpeed's ZeRO 1/2 optimizer (Adam's state lives in flat fp32 partitions), else None."""
-    return optim if hasattr(optim, "single_partition_of_fp32_groups") else None
+    """DeepSpeed's optimizer when Adam's state (and fp32 master weights) lives in flat fp32
+    partitions (ZeRO 1/2; ZeRO 0 with bf16), else None."""
+    return optim if any(hasattr(optim, attr) for attr in _FLAT_FP32) else None
+
+
+def _flat_partitions(zero: Any) -> list[torch.Tensor]:
+    return next(getattr(zero, attr) for attr in _FLAT_FP32 if hasattr(zero, attr))
+
+
+def _fp32_copies(optim: Any) -> dict[int, torch.Tensor] | None:
+    """ZeRO 0 under bf16: DeepSpeed wraps torch's Adam in its FP16_UnfusedOptimizer, which keeps
+    an fp32 master copy of each parameter; Adam steps (and keys its state by) the copies.
+    {id(param): its copy}; None for other optimizers."""
+    if not hasattr(optim, "fp32_groups"):
+        return None
+    return {
+        id(p): q
+        for low, high in zip(optim.fp16_groups, optim.fp32_groups, strict=True)
+        for p, q in zip(low, high, strict=True)
+    }
+
+
+def _flat_state(optim: Any, flat: torch.Tensor) -> dict[str, Any]:
+    """The wrapped Adam's state of one flat tensor, created (zeros, step 0) before its first
+    step (Adam creates it lazily)."""
+    inner = optim.optimizer
+    if not inner.state.get(flat):
+        step_device = flat.device if _on_device_step(inner) else "cpu"
+        inner.state[flat] = {
+            "step": torch.zeros((), device=step_device),
+            "exp_avg": torch.zeros_like(flat),
+            "exp_avg_sq": torch.zeros_like(flat),
+        }
+    return inner.state[flat]
 
 
 def _zero_base_state(zero: Any) -> list[dict[str, Any]]:
@@ -54,17 +95,7 @@ def _zero_base_state(zero: Any) -> list[dict[str, Any]]:
     step has run yet (Adam creates it lazily), and every parameter's fragments (re)linked to it.
     DeepSpeed links them once, right after stepping the first param group, so with several
     groups (MoE: experts apart) the later groups' fragments would stay empty."""
-    states = []
-    for flat in zero.single_partition_of_fp32_groups:
-        if not zero.optimizer.state.get(flat):
-            zero.optimizer.state[flat] = {
-                "step": torch.zeros(
-                    (), device=flat.device if _on_device_step(zero.optimizer) else "cpu"
-                ),
-                "exp_avg": torch.zeros_like(flat),
-                "exp_avg_sq": torch.zeros_like(flat),
-            }
-        states.append(zero.optimizer.state[flat])
+    states = [_flat_state(zero, flat) for flat in _flat_partitions(zero)]
     zero._hp_optimizer_states_linked = False
     zero._lazy_init_hp_params_optimizer_state()
     return states
@@ -79,6 +110,14 @@ def _local_optimizer_state(optim: Any) -> Callable[[torch.nn.Parameter], dict[st
     """Per-parameter state of this rank's parameters (expert shards stay local): plain Adam's own,
     or under ZeRO 1/2 each parameter's moments assembled from the partitions (a collective)."""
     zero = zero_optimizer(optim)
+    copies = _fp32_copies(optim)
+    if copies is not None:
+
+        def get_copy(p: torch.nn.Parameter) -> dict[str, object]:
+            copy = copies[id(p)]
+            return {**optim.optimizer.state.get(copy, {}), MASTER_KEY: copy.detach()}
+
+        return get_copy
     if zero is None:
         state = {
             id(p): optim.state[p]
@@ -87,13 +126,15 @@ def _local_optimizer_state(optim: Any) -> Callable[[torch.nn.Parameter], dict[st
             if p in optim.state
         }
         return lambda p: dict(state.get(id(p), {}))
-    from deepspeed.utils import safe_get_full_optimizer_state
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     base = _zero_base_state(zero)[0]
     keys = sorted(k for k, v in base.items() if torch.is_tensor(v) and v.dim() > 0)
 
     def get(p: torch.nn.Parameter) -> dict[str, object]:
         entry: dict[str, object] = {k: safe_get_full_optimizer_state(p, k) for k in keys}
+        if p.dtype != torch.float32:  # bf16/fp16 module: its fp32 master weights, unrounded
+            entry[MASTER_KEY] = safe_get_full_fp32_param(p)
         return {**entry, "step": base["step"].clone()}
 
     return get
@@ -124,11 +165,15 @@ def load_full_optimizer_state(
     model: MixtureOfVAEs, optim: Any, full: dict[str, dict[str, object]]
 ) -> None:
     """Put saved per-parameter state (whole model) into `optim`, keeping this rank's experts.
-    Under ZeRO 1/2 each rank keeps the slice of its own partition."""
+    Under ZeRO 1/2 each rank keeps the slice of its own partition. A saved fp32 master weight
+    (a bf16 DeepSpeed run's) replaces the model's rounded one, so call this after loading the
+    weights and `sync_master_weights`."""
     ids = model.expert_ids
     zero = zero_optimizer(optim)
     zero_states = _zero_base_state(zero) if zero is not None else []
-    step_on_device = _on_device_step(zero.optimizer if zero is not None else optim)
+    copies = _fp32_copies(optim)
+    inner = optim.optimizer if zero is not None or copies is not None else optim
+    step_on_device = _on_device_step(inner)
     for name, p in model.named_parameters():
         if name not in full:
             continue
@@ -143,9 +188,24 @@ def load_full_optimizer_state(
             elif torch.is_tensor(value) and step_on_device:
                 value = value.to(p.device)
             entry[key] = value
-        if zero is None:
+        master = entry.pop(MASTER_KEY, None)
+        if isinstance(master, torch.Tensor):  # the unrounded weight: into the model (rounded)
+            with torch.no_grad():
+                p.copy_(master)
+        if copies is not None:  # the master copy, and Adam's state keyed by it
+            with torch.no_grad():
+                copies[id(p)].copy_(master if isinstance(master, torch.Tensor) else p)
+            optim.optimizer.state[copies[id(p)]] = {
+                k: v.float() if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                for k, v in entry.items()
+            }
+        elif zero is None:
             optim.state[p] = entry
         else:
+            if isinstance(master, torch.Tensor):
+                from deepspeed.utils import safe_set_full_fp32_param
+
+                safe_set_full_fp32_param(p, master.float())
             _set_zero_state(zero_states, p, entry)
 
 
@@ -164,8 +224,8 @@ def _set_zero_state(
 
 
 def sync_master_weights(optim: Any) -> None:
-    """After loading weights into the model: ZeRO 1/2 keeps its own fp32 master copy of each
-    partition, which would otherwise overwrite the loaded weights at the next step."""
-    zero = zero_optimizer(optim)
-    if zero is not None:
-        zero.refresh_fp32_params()
+    """After loading weights into the model: DeepSpeed's ZeRO 1/2 optimizer, and its ZeRO 0
+    one under bf16, keep their own fp32 master copy, which would otherwise overwrite the
+    loaded weights at the next step."""
+    if zero_optimizer(optim) is not None or _fp32_copies(optim) is not None:
+        optim.refresh_fp32_params()

@@ -78,6 +78,13 @@ def auto_resume_path(run_dir: Path) -> Path | None:
     return latest if latest.is_file() else None
 
 
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint belongs to (where a resume writes): its folder, or for
+    a kept step checkpoint (`<run>/checkpoints/step-N.pt`, a roll-back) the run's."""
+    folder = checkpoint.parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

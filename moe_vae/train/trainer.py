@@ -59,6 +59,7 @@ from moe_vae.train.checkpoint import (
     auto_resume_path,
     load_checkpoint,
     rng_state,
+    run_dir_of,
     save_rotating,
     set_rng_state,
 )
@@ -242,7 +243,7 @@ class Trainer:
         if ckpt is not None and resume is not None:
             # Before touching the run directory: a bad checkpoint writes nothing.
             self._restore(ckpt)
-            run_dir: Path | None = resume.parent
+            run_dir: Path | None = run_dir_of(resume)
         else:
             # resume=auto with nothing to resume: start in that directory (a requeued job).
             overwrite = cfg.output.overwrite or cfg.train.resume == "auto"

@@ -180,6 +180,56 @@ def test_train_cli_checkpoint_and_reshard(tmp_path):
     assert len(list(run.glob("wandb/offline-run-*"))) == 2  # the resumed run: same id, new dir
 
 
+@pytest.mark.parametrize("zero", [0, 1])
+def test_bf16_resume_keeps_the_fp32_master_weights(tmp_path, zero):
+    """DeepSpeed's bf16 on 2 CPU ranks: the module's weights are bf16 and Adam steps fp32
+    master copies (ZeRO 0: one per parameter; ZeRO 1: flat partitions). The checkpoint keeps
+    the masters, so rolling back to step 10 and going on ends bit-identical to the
+    uninterrupted run (from the rounded bf16 weights alone it would not; ZeRO 0 lost Adam's
+    moments too), in the run's own directory, not its checkpoints/ folder."""
+    common = [
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        f"--output.dir={tmp_path}",
+        "--train.batch_size=100",
+        "--train.precision=bf16",
+        f"--parallel.deepspeed_config={REPO}/configs/deepspeed/zero{zero}.json",
+        "--track.wandb=disabled",
+        "--quiet",
+    ]
+    proc = deepspeed(
+        2,
+        str(BIN / "moe-vae"),
+        *common,
+        "--output.name=whole",
+        "--train.epochs=3",
+        "--train.checkpoint_every=10",
+        "--train.keep_checkpoints=5",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    midway = tmp_path / "whole" / "checkpoints" / "step-000000010.pt"
+    ckpt = load_checkpoint(midway)
+    assert {v.dtype for v in ckpt["model"].values()} == {torch.bfloat16}
+    masters = [state["fp32_master"] for state in ckpt["optim"].values()]
+    assert len(masters) == len(ckpt["model"])  # every parameter's, Adam's moments beside it
+    assert all(m.dtype == torch.float32 for m in masters)
+    assert all("exp_avg_sq" in state for state in ckpt["optim"].values())
+    # the masters hold what bf16 cannot: not all of them are bf16 values
+    assert any(not torch.equal(m, m.bfloat16().float()) for m in masters)
+
+    # Roll back to the kept step-10 checkpoint: the run goes on in its own directory.
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    proc = deepspeed(
+        2, str(BIN / "moe-vae"), *common, "--train.epochs=3", f"--train.resume={midway}"
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (midway.parent / "model.safetensors").exists()  # not in checkpoints/
+    resumed = load_file(tmp_path / "whole" / "model.safetensors")
+    for name, w in whole.items():
+        assert torch.equal(resumed[name], w), name
+
+
 def test_a_failing_rank_ends_the_job(tmp_path):
     """One rank's data is all bad: it raises, and the launcher ends the whole job non-zero
     (the other rank, blocked in a collective, must not hang)."""

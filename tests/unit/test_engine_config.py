@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from moe_vae.config import load_config
 from moe_vae.errors import MoeVaeError
@@ -64,3 +65,15 @@ def test_bf16_true_is_the_plain_engines():
     cfg = load_config(None, ["--train.precision=bf16-true"])
     with pytest.raises(MoeVaeError, match=r"bf16-true is for one process.*train\.precision=bf16"):
         deepspeed_dict(cfg, 2, load_knobs(None))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal")
+def test_fp16_on_cpu_is_refused_before_deepspeed_starts():
+    """bf16 runs on CPU under DeepSpeed (tests/distributed); fp16 there is one clear error."""
+    from moe_vae.model.mixture import MixtureOfVAEs
+    from moe_vae.parallel.engine import build_engine
+
+    cfg = load_config(None, ["--train.precision=fp16"])
+    model = MixtureOfVAEs(cfg.model, (1, 28, 28))
+    with pytest.raises(MoeVaeError, match=r"fp16 needs a GPU.*on CPU use fp32 or bf16"):
+        build_engine(model, cfg, 1)
