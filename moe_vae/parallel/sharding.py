@@ -47,20 +47,9 @@ def load_full_state_dict(model: MixtureOfVAEs, full: dict[str, torch.Tensor]) ->
     model.load_state_dict(local)
 
 
-# Where DeepSpeed's optimizers keep their flat fp32 partitions: ZeRO 1/2's, and the one ZeRO 0
-# uses under bf16 (fp32 master weights for the bf16 module). Both link every parameter's
-# fragments to them, which deepspeed.utils' safe_get/set_full_* read and write.
-_FLAT_FP32 = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition")
-
-
 def zero_optimizer(optim: Any) -> Any | None:
-    """DeepSpeed's optimizer when Adam's state (and fp32 master weights) lives in flat fp32
-    partitions (ZeRO 1/2; ZeRO 0 with bf16), else None."""
-    return optim if any(hasattr(optim, attr) for attr in _FLAT_FP32) else None
-
-
-def _flat_partitions(zero: Any) -> list[torch.Tensor]:
-    return next(getattr(zero, attr) for attr in _FLAT_FP32 if hasattr(zero, attr))
+    """DeepSpeed's ZeRO 1/2 optimizer (Adam's state lives in flat fp32 partitions), else None."""
+    return optim if hasattr(optim, "single_partition_of_fp32_groups") else None
 
 
 def _fp32_copies(optim: Any) -> dict[int, torch.Tensor] | None:
@@ -76,26 +65,22 @@ def _fp32_copies(optim: Any) -> dict[int, torch.Tensor] | None:
     }
 
 
-def _flat_state(optim: Any, flat: torch.Tensor) -> dict[str, Any]:
-    """The wrapped Adam's state of one flat tensor, created (zeros, step 0) before its first
-    step (Adam creates it lazily)."""
-    inner = optim.optimizer
-    if not inner.state.get(flat):
-        step_device = flat.device if _on_device_step(inner) else "cpu"
-        inner.state[flat] = {
-            "step": torch.zeros((), device=step_device),
-            "exp_avg": torch.zeros_like(flat),
-            "exp_avg_sq": torch.zeros_like(flat),
-        }
-    return inner.state[flat]
-
-
 def _zero_base_state(zero: Any) -> list[dict[str, Any]]:
     """The wrapped Adam's state of each flat fp32 partition, created (zeros, step 0) where no
     step has run yet (Adam creates it lazily), and every parameter's fragments (re)linked to it.
     DeepSpeed links them once, right after stepping the first param group, so with several
     groups (MoE: experts apart) the later groups' fragments would stay empty."""
-    states = [_flat_state(zero, flat) for flat in _flat_partitions(zero)]
+    states = []
+    for flat in zero.single_partition_of_fp32_groups:
+        if not zero.optimizer.state.get(flat):
+            zero.optimizer.state[flat] = {
+                "step": torch.zeros(
+                    (), device=flat.device if _on_device_step(zero.optimizer) else "cpu"
+                ),
+                "exp_avg": torch.zeros_like(flat),
+                "exp_avg_sq": torch.zeros_like(flat),
+            }
+        states.append(zero.optimizer.state[flat])
     zero._hp_optimizer_states_linked = False
     zero._lazy_init_hp_params_optimizer_state()
     return states
@@ -192,9 +177,12 @@ def load_full_optimizer_state(
         if isinstance(master, torch.Tensor):  # the unrounded weight: into the model (rounded)
             with torch.no_grad():
                 p.copy_(master)
-        if copies is not None:  # the master copy, and Adam's state keyed by it
-            with torch.no_grad():
-                copies[id(p)].copy_(master if isinstance(master, torch.Tensor) else p)
+        if copies is not None:
+            # The master copy (without a saved one, sync_master_weights refreshed it from p)
+            # and Adam's state, keyed by the copy.
+            if isinstance(master, torch.Tensor):
+                with torch.no_grad():
+                    copies[id(p)].copy_(master)
             optim.optimizer.state[copies[id(p)]] = {
                 k: v.float() if isinstance(v, torch.Tensor) and v.dim() > 0 else v
                 for k, v in entry.items()
