@@ -17,6 +17,7 @@ from torch import nn
 from moe_vae.config.schema import Config
 from moe_vae.errors import MoeVaeError
 from moe_vae.optim import build_adam
+from moe_vae.parallel.sharding import check_checkpointable
 
 # DeepSpeed key -> the key of our config that owns it.
 OWNED_BY_US = {
@@ -98,6 +99,7 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int) -> Any:
     optimizer = build_adam(groups, cfg.optim)
     ds = deepspeed_dict(cfg, world_size, load_knobs(cfg.parallel.deepspeed_config))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    check_checkpointable(engine.optimizer)
     if engine.zero_optimization_stage() > 0:
         # In fp32, ZeRO 1/2 skips a non-finite gradient only when clipping computes the norm; the
         # overflow check (one all-reduce of a flag) makes the skip unconditional, on every rank.

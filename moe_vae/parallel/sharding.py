@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from moe_vae.errors import MoeVaeError
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.parallel.setup import Parallel
 
@@ -48,8 +49,34 @@ def load_full_state_dict(model: MixtureOfVAEs, full: dict[str, torch.Tensor]) ->
 
 
 def zero_optimizer(optim: Any) -> Any | None:
-    """DeepSpeed's ZeRO 1/2 optimizer (Adam's state lives in flat fp32 partitions), else None."""
-    return optim if hasattr(optim, "single_partition_of_fp32_groups") else None
+    """A DeepSpeed optimizer whose Adam steps flat fp32 partitions, each parameter a fragment of
+    one (safe_get/set_full_* reach them): ZeRO 1/2's, and BF16_Optimizer (what ZeRO 1 runs under
+    bf16 with "data_types": {"grad_accum_dtype": "fp32"}). Else None."""
+    return optim if _flat_partitions(optim) is not None else None
+
+
+def check_checkpointable(optim: Any) -> None:
+    """Refuse, at start-up, an optimizer whose state the checkpoint would silently leave out:
+    DeepSpeed picks its wrapper from the engine knobs, and a new one (a knob we never tried)
+    must fail here, not at a resume that restarts Adam from zero."""
+    if (
+        isinstance(optim, torch.optim.Optimizer)
+        or zero_optimizer(optim) is not None
+        or _fp32_copies(optim) is not None
+    ):
+        return
+    raise MoeVaeError(
+        f"DeepSpeed wrapped Adam in {type(optim).__name__}, whose state moe-vae cannot "
+        "checkpoint; known: torch's Adam (ZeRO 0), FP16_UnfusedOptimizer (ZeRO 0 + bf16/fp16), "
+        "ZeRO 1/2's optimizer and BF16_Optimizer. Change parallel.deepspeed_config's knobs"
+    )
+
+
+def _flat_partitions(optim: Any) -> list[torch.Tensor] | None:
+    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(optim, attr):
+            return list(getattr(optim, attr))
+    return None
 
 
 def _fp32_copies(optim: Any) -> dict[int, torch.Tensor] | None:
@@ -71,7 +98,7 @@ def _zero_base_state(zero: Any) -> list[dict[str, Any]]:
     DeepSpeed links them once, right after stepping the first param group, so with several
     groups (MoE: experts apart) the later groups' fragments would stay empty."""
     states = []
-    for flat in zero.single_partition_of_fp32_groups:
+    for flat in _flat_partitions(zero) or []:
         if not zero.optimizer.state.get(flat):
             zero.optimizer.state[flat] = {
                 "step": torch.zeros(

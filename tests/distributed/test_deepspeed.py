@@ -180,13 +180,27 @@ def test_train_cli_checkpoint_and_reshard(tmp_path):
     assert len(list(run.glob("wandb/offline-run-*"))) == 2  # the resumed run: same id, new dir
 
 
-@pytest.mark.parametrize("zero", [0, 1])
-def test_bf16_resume_keeps_the_fp32_master_weights(tmp_path, zero):
+# DeepSpeed engine knobs -> the optimizer wrapper DeepSpeed picks under bf16.
+BF16_WRAPPERS = {
+    "zero0": {"zero_optimization": {"stage": 0}},  # FP16_UnfusedOptimizer: per-parameter copies
+    "zero1": {"zero_optimization": {"stage": 1}},  # ZeRO's: flat partitions
+    "zero1-fp32-accum": {  # BF16_Optimizer: flat partitions of its own
+        "zero_optimization": {"stage": 1},
+        "data_types": {"grad_accum_dtype": "fp32"},
+    },
+}
+
+
+@pytest.mark.parametrize("knobs", sorted(BF16_WRAPPERS))
+def test_bf16_resume_keeps_the_fp32_master_weights(tmp_path, knobs):
     """DeepSpeed's bf16 on 2 CPU ranks: the module's weights are bf16 and Adam steps fp32
-    master copies (ZeRO 0: one per parameter; ZeRO 1: flat partitions). The checkpoint keeps
-    the masters, so rolling back to step 10 and going on ends bit-identical to the
-    uninterrupted run (from the rounded bf16 weights alone it would not; ZeRO 0 lost Adam's
-    moments too), in the run's own directory, not its checkpoints/ folder."""
+    master copies, kept by one of three wrappers (BF16_WRAPPERS). The checkpoint keeps the
+    masters, so rolling back to step 10 and going on ends bit-identical to the uninterrupted
+    run (from the rounded bf16 weights alone it would not; ZeRO 0's Adam moments and all of
+    BF16_Optimizer's state were once not saved at all), in the run's own directory, not its
+    checkpoints/ folder."""
+    ds_json = tmp_path / f"{knobs}.json"
+    ds_json.write_text(json.dumps(BF16_WRAPPERS[knobs]))
     common = [
         "train",
         "--config",
@@ -194,7 +208,7 @@ def test_bf16_resume_keeps_the_fp32_master_weights(tmp_path, zero):
         f"--output.dir={tmp_path}",
         "--train.batch_size=100",
         "--train.precision=bf16",
-        f"--parallel.deepspeed_config={REPO}/configs/deepspeed/zero{zero}.json",
+        f"--parallel.deepspeed_config={ds_json}",
         "--track.wandb=disabled",
         "--quiet",
     ]

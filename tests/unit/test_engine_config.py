@@ -77,3 +77,18 @@ def test_fp16_on_cpu_is_refused_before_deepspeed_starts():
     model = MixtureOfVAEs(cfg.model, (1, 28, 28))
     with pytest.raises(MoeVaeError, match=r"fp16 needs a GPU.*on CPU use fp32 or bf16"):
         build_engine(model, cfg, 1)
+
+
+def test_an_optimizer_wrapper_we_cannot_checkpoint_is_refused():
+    """DeepSpeed picks its optimizer wrapper from the knobs; one whose state the checkpoint
+    would leave out fails at start-up, naming itself, rather than at a resume."""
+    from moe_vae.parallel.sharding import check_checkpointable
+
+    class NewDeepSpeedWrapper:  # none of the attributes the known wrappers keep their state in
+        def __init__(self, optim):
+            self.optimizer = optim
+
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))])
+    check_checkpointable(adam)  # torch's own: fine
+    with pytest.raises(MoeVaeError, match=r"NewDeepSpeedWrapper.*cannot checkpoint.*knobs"):
+        check_checkpointable(NewDeepSpeedWrapper(adam))
