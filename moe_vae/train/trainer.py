@@ -1,14 +1,14 @@
-"""Single-process training of the mixture (CPU or one GPU, chosen automatically).
+"""The training loop of one run, on one process (CPU or one GPU, chosen automatically) or on
+each rank of a distributed job (parallel/: expert shards, all-to-all routing, DeepSpeed).
 
 Legend: B batch, D flattened input, E experts, Z latent.
-Data comes from shards (MNIST is written to cached shards first) through data/build.py.
-Outputs in the run directory: config.yaml (resolved), metrics.jsonl, expert_grid.png (the seed's
-figure), loss_curves.png, eval.json (final test metrics) and model.safetensors.
+Data comes from shards (MNIST is written to cached shards first) through data/build.py. The run
+directory's files are written by train/outputs.py (figures, eval.json, weights), the tracker
+(metrics.jsonl, W&B) and train/checkpoint.py.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import sys
@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from moe_vae.config.load import config_to_yaml
@@ -33,14 +32,6 @@ from moe_vae.data.build import build_data, ensure_mnist_shards
 from moe_vae.data.loaders import InMemoryLoader, loader_state
 from moe_vae.errors import MoeVaeError
 from moe_vae.evaluate.evaluator import evaluate, to_inputs
-from moe_vae.evaluate.plots import (
-    save_confusion,
-    save_expert_grid,
-    save_expert_usage,
-    save_hierarchy_grid,
-    save_loss_curves,
-    save_reconstructions,
-)
 from moe_vae.model.losses import LossTerms, objective
 from moe_vae.model.mixture import MixtureOfVAEs, Routed
 from moe_vae.optim import build_adam, nonfinite_flag
@@ -64,6 +55,14 @@ from moe_vae.train.checkpoint import (
     set_rng_state,
 )
 from moe_vae.train.labels import LabelPolicy, manager_cross_entropy
+from moe_vae.train.memory import resident_memory_mb
+from moe_vae.train.outputs import (
+    epoch_summary,
+    leaf_samples,
+    reconstructions,
+    save_figures,
+    write_final,
+)
 from moe_vae.train.revival import collapse_message, pick_pairs, revive
 from moe_vae.train.run_dir import check_output_dir, prepare_run_dir
 from moe_vae.train.step_graph import StepGraph
@@ -717,14 +716,28 @@ class Trainer:
             if last or (every and epoch % every == 0):
                 final_eval = self.evaluate()
                 record.update({f"eval/{k}": v for k, v in final_eval.items() if k != "confusion"})
-                recon = self.reconstructions()  # a collective under expert parallelism
-                leaves = self.leaf_samples()  # likewise
+                recon = None
+                if self.data.test is not None:  # a collective under expert parallelism
+                    first = self.data.test.images[:8]
+                    recon = reconstructions(self.model, self.par, first, cfg.train.seed)
+                leaves = leaf_samples(self.model, self.par, cfg)  # likewise
                 self._log(record)
-                self._figures(record, final_eval, recon, leaves)
+                if self.tracker is not None:
+                    save_figures(
+                        self.tracker,
+                        self.run_dir,
+                        self.image_shape,
+                        self.grid_rows,
+                        self.epochs,
+                        final_eval,
+                        recon,
+                        leaves,
+                        self.step,
+                    )
             else:
                 self._log(record)
             if not self.quiet:
-                tqdm.write(_epoch_summary(record), file=sys.stdout)
+                tqdm.write(epoch_summary(record), file=sys.stdout)
             if last:
                 break
         if not final_eval:  # resumed from a checkpoint of a finished run
@@ -736,85 +749,21 @@ class Trainer:
             self.run_dir, final_eval, self.epochs, self.par.is_main, self.par.info.world_size
         )
 
-    @torch.no_grad()
-    def reconstructions(self, n: int = 8) -> np.ndarray | None:
-        """The first n test images and their reconstruction by the expert the manager picks:
-        [2, n, D] in [0, 1] (every rank takes part; experts may live elsewhere)."""
-        if self.data.test is None:
-            return None
-        self.model.eval()
-        x_ND = to_inputs(self.data.test.images[:n].to(self.device))
-        # Its own generator: figures must not move the training RNG (exact resume).
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
-        out = self.model(x_ND, generator=gen)
-        probs_NE = out.probs_BE
-        logits_END = self.par.gather_experts(out.x_logits_EBD)
-        self.model.train()
-        pick = probs_NE.argmax(-1)
-        recon_ND = logits_END[pick, torch.arange(len(pick), device=pick.device)].sigmoid()
-        return torch.stack([x_ND, recon_ND]).cpu().numpy()
-
-    @torch.no_grad()
-    def leaf_samples(self, n: int = 4) -> np.ndarray | None:
-        """A hierarchical mixture's samples from every leaf, the same n latents for each:
-        [top-level experts, leaves under each, n, D] (every rank takes part); None when flat."""
-        if not self.cfg.model.hierarchy:
-            return None
-        gen = torch.Generator().manual_seed(self.cfg.train.seed + 3)  # not the training RNG
-        z_NZ = torch.randn(n, self.cfg.model.z_dim, generator=gen).to(self.device)
-        images_END = self.par.gather_experts(self.model.decode_all(z_NZ))
-        shape = (self.cfg.model.num_clusters, -1, n, images_END.shape[-1])
-        return images_END.reshape(shape).cpu().numpy()
-
-    def _figures(
-        self,
-        record: dict[str, Any],
-        ev: dict[str, Any],
-        recon: np.ndarray | None,
-        leaves: np.ndarray | None = None,
-    ) -> None:
-        """PNG files in the run directory, also sent to the tracker as images (rank 0)."""
-        if self.tracker is None:
-            return
-        images = {"samples/expert_grid": self._save_grid()}
-        images["experts/usage"] = self.run_dir / "expert_usage.png"
-        save_expert_usage(record["experts/importance"], images["experts/usage"])
-        if "confusion" in ev:
-            images["eval/confusion"] = self.run_dir / "confusion.png"
-            save_confusion(ev["confusion"], images["eval/confusion"])
-        if recon is not None:
-            images["eval/reconstructions"] = self.run_dir / "reconstructions.png"
-            save_reconstructions(recon, self.image_shape, images["eval/reconstructions"])
-        if leaves is not None:
-            images["samples/hierarchy"] = self.run_dir / "hierarchy_samples.png"
-            save_hierarchy_grid(leaves, self.image_shape, images["samples/hierarchy"])
-        self.tracker.log_images(images, self.step)
-
-    def _save_grid(self) -> Path:
-        path = self.run_dir / "expert_grid.png"
-        labels = [str(r["epoch"]) for r in self.epochs]
-        save_expert_grid(self.grid_rows, self.image_shape, path, labels)
-        return path
-
     def finish(self, final_eval: dict[str, Any]) -> None:
         """Final metrics, figures and weights (consolidated) into the run directory."""
         weights = full_state_dict(self.model, self.par)  # a collective: every rank takes part
-        if self.tracker is None:
-            return
-        (self.run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
-        self._log({"event": "final", **{f"eval/{k}": v for k, v in final_eval.items()}})
-        self.tracker.summary({f"eval/{k}": v for k, v in final_eval.items()})
-        self._save_grid()
-        save_loss_curves(self.epochs, self.run_dir / "loss_curves.png")
-        self.tracker.finish()
-        save_file(
-            weights,
-            self.run_dir / "model.safetensors",
-            metadata={
-                "config": config_to_yaml(self.cfg),
-                "image_shape": json.dumps(list(self.image_shape)),
-            },
-        )
+        if self.tracker is not None:
+            write_final(
+                self.tracker,
+                self.run_dir,
+                self.cfg,
+                self.image_shape,
+                self.grid_rows,
+                self.epochs,
+                final_eval,
+                weights,
+                self.step,
+            )
 
 
 def train(cfg: Config, run_name: str = "run", quiet: bool = False) -> RunResult:
@@ -823,38 +772,3 @@ def train(cfg: Config, run_name: str = "run", quiet: bool = False) -> RunResult:
     result = trainer.fit()
     trainer.par.shutdown()
     return result
-
-
-def resident_memory_mb() -> dict[str, float]:
-    """Memory in MB: RSS of this process, and the unique memory (USS) of its children
-    (DataLoader workers, W&B's service process). Forked workers share the trainer's pages, so
-    their RSS would count those once per worker (measured: 4 workers showed 4.8 GB of RSS next
-    to a 1.3 GB trainer); USS counts only what each child holds alone. What a slow leak across
-    epochs shows in."""
-    import psutil
-
-    me = psutil.Process()
-    children = 0
-    for child in me.children(recursive=True):
-        try:
-            children += child.memory_full_info().uss
-        except psutil.Error:  # a worker that just exited, or no /proc/<pid>/smaps access
-            continue
-    return {
-        "memory/rss_mb": me.memory_info().rss / 2**20,
-        "memory/children_uss_mb": children / 2**20,
-    }
-
-
-def _epoch_summary(r: dict[str, Any]) -> str:
-    text = (
-        f"epoch {r['epoch']:>3} step {r['step']:>6}  total {r['loss/total']:.2f}  "
-        f"expected {r['loss/expected']:.2f}  balancing {r['loss/balancing']:.3f}  "
-        f"{r['samples_per_second']:.0f} samples/s  {r['epoch_seconds']:.1f}s"
-    )
-    if "eval/accuracy" in r:
-        text += (
-            f"  | test acc {r['eval/accuracy']:.3f} nmi {r['eval/nmi']:.3f} "
-            f"ari {r['eval/ari']:.3f} in use {r['eval/experts_in_use']}"
-        )
-    return text

@@ -13,6 +13,7 @@ from moe_vae.errors import MoeVaeError
 from moe_vae.evaluate.evaluator import to_inputs
 from moe_vae.train import train
 from moe_vae.train import trainer as trainer_module
+from moe_vae.train.outputs import leaf_samples
 from moe_vae.train.trainer import Trainer
 
 
@@ -143,7 +144,7 @@ def test_hierarchical_mixture_trains_and_samples_every_leaf(tmp_path, monkeypatc
     assert len(result.final_eval["confusion"]) == 2  # clusters are the 2 top-level experts
     assert np.isfinite(result.epochs[-1]["loss/total"])
     assert (result.run_dir / "hierarchy_samples.png").stat().st_size > 0
-    leaves = trainer.leaf_samples(n=3)
+    leaves = leaf_samples(trainer.model, trainer.par, cfg, n=3)
     assert leaves is not None and leaves.shape == (2, 2, 3, 784)
     flat = torch.from_numpy(leaves.reshape(4, -1))
     assert torch.cdist(flat, flat).add(torch.eye(4)).min() > 0  # four different decoders
