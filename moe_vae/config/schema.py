@@ -191,7 +191,8 @@ class TrainConfig(Section):
     # Global batch: split evenly over data-parallel ranks.
     # One process (plain engine): bf16 = autocast (bf16 matmuls, fp32 weights and loss sums),
     # on CPU too; fp16 is not offered there. DeepSpeed: its bf16 mode (CPU and GPU; fp32
-    # master weights, kept in checkpoints) and fp16 mode (GPU only).
+    # master weights, kept in checkpoints) and fp16 mode (GPU; ZeRO 1/2; loss scaling knobs in
+    # the JSON's "fp16" section, the scaler's state kept in checkpoints).
     # bf16-true (one process): weights, gradients and Adam's moments stored in bf16 too, half
     # the optimizer's memory traffic (what bounds top-1 over many experts); routing and loss
     # sums stay fp32. How Adam rounds its bf16 writes: optim.bf16_rounding.

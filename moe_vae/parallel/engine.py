@@ -1,8 +1,9 @@
 """The DeepSpeed engine: the only place deepspeed.initialize is called.
 
-Each value has one owner. The DeepSpeed JSON file holds engine knobs only (ZeRO stage, buckets);
-batch size, learning rate and optimizer, precision and clipping come from our config and are
-written into the DeepSpeed dict here. A JSON file that sets one of those is rejected.
+Each value has one owner. The DeepSpeed JSON file holds engine knobs only (ZeRO stage, buckets,
+fp16's loss scaling); batch size, learning rate and optimizer, precision and clipping come from
+our config and are written into the DeepSpeed dict here. A JSON file that sets one of those is
+rejected.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from moe_vae.config.schema import Config
@@ -26,10 +26,11 @@ OWNED_BY_US = {
     "gradient_accumulation_steps": "train.batch_size",
     "optimizer": "optim.*",
     "scheduler": "optim.*",
-    "fp16": "train.precision",
-    "bf16": "train.precision",
     "gradient_clipping": "optim.grad_clip",
 }
+# Precision sections: whether one is on belongs to train.precision; their other keys are engine
+# knobs (fp16's loss scaling: initial_scale_power, loss_scale_window, hysteresis, ...).
+PRECISION_SECTIONS = ("fp16", "bf16")
 
 
 def load_knobs(path: str | None) -> dict[str, Any]:
@@ -44,11 +45,18 @@ def load_knobs(path: str | None) -> dict[str, Any]:
         raise MoeVaeError(f"parallel.deepspeed_config {path!r} is not valid JSON: {err}") from None
     if not isinstance(knobs, dict):
         raise MoeVaeError(f"parallel.deepspeed_config {path!r} must hold a JSON object")
+    for section in PRECISION_SECTIONS:
+        if not isinstance(knobs.get(section, {}), dict):
+            raise MoeVaeError(
+                f"parallel.deepspeed_config {path!r}: {section} must be an object of engine "
+                f"knobs (e.g. loss scaling); whether it is on is set by train.precision"
+            )
     owned = sorted(k for k in knobs if k in OWNED_BY_US)
+    owned += [f"{k}.enabled" for k in PRECISION_SECTIONS if "enabled" in knobs.get(k, {})]
     if owned:
         raise MoeVaeError(
             f"parallel.deepspeed_config {path!r} sets "
-            + ", ".join(f"{k} (owned by {OWNED_BY_US[k]})" for k in owned)
+            + ", ".join(f"{k} (owned by {OWNED_BY_US.get(k, 'train.precision')})" for k in owned)
             + ": remove them from the JSON and set them in the moe-vae config"
         )
     stage = knobs.get("zero_optimization", {}).get("stage", 0)
@@ -79,19 +87,34 @@ def deepspeed_dict(cfg: Config, world_size: int, knobs: dict[str, Any]) -> dict[
     )
     # Always written: DeepSpeed's own default clips the gradient norm to 1.0, silently.
     ds["gradient_clipping"] = cfg.optim.grad_clip
+    for section in PRECISION_SECTIONS:
+        if section in ds and section != cfg.train.precision:
+            raise MoeVaeError(
+                f"parallel.deepspeed_config sets {section} knobs, but train.precision="
+                f"{cfg.train.precision}: set train.precision={section} or remove the section"
+            )
+    if cfg.train.precision == "fp16" and ds.get("zero_optimization", {}).get("stage", 0) == 0:
+        raise MoeVaeError(
+            "train.precision=fp16 under ZeRO stage 0: DeepSpeed's engine.backward does not "
+            "scale the loss there while its fp16 optimizer unscales the gradients "
+            "(deepspeedai/DeepSpeed#8393, open), so every update would be loss-scale times too "
+            "small; use ZeRO 1 or 2 (configs/deepspeed/zero1.json) or train.precision=bf16"
+        )
     if cfg.train.precision != "fp32":
-        ds[cfg.train.precision] = {"enabled": True}
+        ds[cfg.train.precision] = {**ds.get(cfg.train.precision, {}), "enabled": True}
     return ds
 
 
 def build_engine(model: nn.Module, cfg: Config, world_size: int) -> Any:
     """Adam over all parameters, expert parameters in DeepSpeed's MoE param groups."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+    if cfg.train.precision == "fp16" and not get_accelerator().is_fp16_supported():
         raise MoeVaeError(
-            "train.precision=fp16 needs a GPU (DeepSpeed's fp16 mode); on CPU use fp32 or bf16"
+            f"train.precision=fp16: DeepSpeed's {get_accelerator().device_name()} accelerator "
+            "has no fp16 here (a GPU has); use fp32 or bf16"
         )
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "parameters"}

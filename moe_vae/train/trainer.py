@@ -36,6 +36,12 @@ from moe_vae.model.losses import LossTerms, objective
 from moe_vae.model.mixture import MixtureOfVAEs, Routed
 from moe_vae.optim import build_adam, nonfinite_flag
 from moe_vae.parallel.engine import build_engine
+from moe_vae.parallel.loss_scale import (
+    absorbs_overflow,
+    load_scaler_state,
+    loss_scale,
+    scaler_state,
+)
 from moe_vae.parallel.setup import parallelize, setup_parallel
 from moe_vae.parallel.sharding import (
     full_optimizer_state,
@@ -218,6 +224,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.loss_scale_skips = 0  # fp16: steps the loss scaler skipped while lowering its scale
         self.stop_signal: str | None = None  # set by the SIGTERM/SIGINT handler
         self.epoch = 1
         self.batches_done = 0  # position in the current epoch's stream (what resume skips)
@@ -306,6 +313,12 @@ class Trainer:
             "grid_rows": [torch.from_numpy(r) for r in self.grid_rows],
             "rng": rng,
             "tracker_run_id": self.tracker_id,
+            "skipped": {
+                "nonfinite": self.nonfinite_total,
+                "in_row": self.nonfinite_in_row,
+                "loss_scale": self.loss_scale_skips,
+            },
+            "loss_scaler": scaler_state(self.optim),
         }
         if self.anchor is not None:
             state["warm_start_clusters"] = torch.from_numpy(self.anchor.clusters)
@@ -345,6 +358,13 @@ class Trainer:
                 "the checkpoint holds no optimizer state: Adam's moments restart from zero",
                 stacklevel=2,
             )
+        load_scaler_state(self.optim, ckpt.get("loss_scaler"))
+        skipped = ckpt.get("skipped", {})
+        self.nonfinite_total = skipped.get("nonfinite", 0)
+        self.nonfinite_in_row = skipped.get("in_row", 0)
+        self.loss_scale_skips = skipped.get("loss_scale", 0)
+        # host_sync=log counts on the device, reconciled against nonfinite_total
+        self.skips_dev.copy_(torch.tensor([self.nonfinite_total, self.nonfinite_in_row]))
         self.step, self.epoch = ckpt["step"], ckpt["data"]["epoch"]
         self.batches_done = ckpt["data"]["batches_done"]
         self.epoch_sums = ckpt["epoch_sums"].to(self.device)
@@ -447,6 +467,7 @@ class Trainer:
             "experts/dead": sum(f == 0 for f in share),
             "experts/importance": (importance / importance.sum().clamp_min(1e-12)).tolist(),
             "train/nonfinite_skipped": self.nonfinite_total,
+            **self._loss_scale_record(),
             "data/bad_samples": sum(bad.values()),
             **{f"data/bad/{k}": v for k, v in sorted(bad.items())},
         }
@@ -479,6 +500,12 @@ class Trainer:
             self.epoch_sums.zero_()
             self.epoch_usage_2E.zero_()
         return record
+
+    def _loss_scale_record(self) -> dict[str, float]:
+        scale = loss_scale(self.optim)
+        if scale is None:
+            return {}
+        return {"optim/loss_scale": scale, "train/loss_scale_skipped": self.loss_scale_skips}
 
     def _steps(self, epoch: int) -> Iterator[tuple[torch.Tensor | None, bool]]:
         """Runs the rest of epoch `epoch` step by step: per step (its values of STEP_KEYS, None
@@ -548,6 +575,7 @@ class Trainer:
         elsewhere), semi-supervised only; `anchor`: the warm start's (pseudo-labels, weight).
         Returns (terms, finite, stop requested)."""
         cfg = self.cfg
+        fp16 = self.engine is not None and cfg.train.precision == "fp16"
         # Autocast's cache of bf16 weights would outlive a recorded step: off under cuda_graph.
         with torch.autocast(
             self.device.type,
@@ -566,8 +594,8 @@ class Trainer:
             images, labels = self.labels.replay(cfg.loss.labelled_batch, cfg.train.seed, self.step)
             logits = self.model.manager_logits(to_inputs(images.to(self.device)))
             terms.total = terms.total + self.labels.loss(self.model.cluster_logits(logits), labels)
-        if self.engine is not None and self.engine.zero_optimization_stage() > 0:
-            finite, stop = self._zero_backward_step(terms.total)
+        if self.engine is not None and (self.engine.zero_optimization_stage() > 0 or fp16):
+            finite, stop = self._engine_checked_step(terms.total)
             return (self._usage(terms) if finite else terms), finite, stop
         if self.engine is not None:  # DeepSpeed reduces gradients (experts over their group)
             self.engine.backward(terms.total)
@@ -652,18 +680,26 @@ class Trainer:
         bad_any, stop = (bool(v) for v in flags.tolist())
         return bad_any, stop
 
-    def _zero_backward_step(self, loss: torch.Tensor) -> tuple[bool, bool]:
-        """ZeRO 1/2: gradients go straight into partitioned buffers, so the check is split. A
-        non-finite loss on any rank skips backward and step everywhere; a non-finite gradient is
-        caught by the ZeRO optimizer's own overflow check (enabled in build_engine), which
-        clears the partitions on every rank and skips the update. Returns (applied, stop)."""
+    def _engine_checked_step(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """ZeRO 1/2 (gradients go straight into partitioned buffers) and fp16 (gradients are
+        scaled): the check is split. A non-finite loss on any rank skips backward and step
+        everywhere; a non-finite gradient is caught by DeepSpeed's own overflow check (enabled
+        for ZeRO in build_engine), which skips the update on every rank. Under fp16 that skip
+        is the loss scaler lowering its scale, counted apart (train/loss_scale_skipped) and
+        not a failed step, unless the scale is at its floor already. Returns (finite, stop)."""
         assert self.engine is not None
         bad, stop = self._any_rank(~torch.isfinite(loss.detach()))
         if bad:
             return False, stop
+        scaler_skip = absorbs_overflow(self.optim)  # before the step may lower the scale
         self.engine.backward(loss)
         self.engine.step()
-        return bool(self.engine.was_step_applied()), stop
+        if self.engine.was_step_applied():
+            return True, stop
+        if scaler_skip:
+            self.loss_scale_skips += 1
+            return True, stop
+        return False, stop
 
     def _usage(self, terms: LossTerms) -> LossTerms:
         """Adds this step's expert usage (computed with its forward) to the epoch's statistics,

@@ -244,6 +244,62 @@ def test_bf16_resume_keeps_the_fp32_master_weights(tmp_path, knobs):
         assert torch.equal(resumed[name], w), name
 
 
+def test_fp16_loss_scaler_finds_its_level_and_resumes_exactly(tmp_path):
+    """DeepSpeed's fp16 under ZeRO 1 on 2 CPU ranks (fp16_worker.py: the CPU accelerator made
+    to claim fp16). From a loss scale of 2^24 the gradients overflow, and DeepSpeed skips steps
+    while it lowers the scale: those are the scaler's skips, counted apart, not failed steps
+    (more of them in a row than max_nonfinite_in_row=3 would stop the run). The scaler's state
+    is in the checkpoint: rolled back to step 10, the run ends bit-identical (from the initial
+    scale it would overflow all over again)."""
+    knobs = tmp_path / "fp16.json"
+    knobs.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 1},
+                "fp16": {"initial_scale_power": 24, "loss_scale_window": 5},
+            }
+        )
+    )
+    common = [
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        f"--output.dir={tmp_path}",
+        "--output.name=whole",
+        "--train.batch_size=100",
+        "--train.precision=fp16",
+        f"--parallel.deepspeed_config={knobs}",
+        "--train.max_nonfinite_in_row=3",
+        "--train.epochs=4",
+        "--track.wandb=disabled",
+        "--quiet",
+    ]
+    worker = str(HERE / "fp16_worker.py")
+    saving = ["--train.checkpoint_every=10", "--train.keep_checkpoints=5"]
+    proc = deepspeed(2, worker, *common, *saving)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "whole"
+    epochs = [
+        r for r in map(json.loads, (run / "metrics.jsonl").open()) if r.get("event") == "epoch"
+    ]
+    assert epochs[-1]["train/loss_scale_skipped"] > 3 and epochs[-1]["train/nonfinite_skipped"] == 0
+    assert epochs[-1]["optim/loss_scale"] < 2**24
+    midway = run / "checkpoints" / "step-000000010.pt"
+    assert load_checkpoint(midway)["loss_scaler"]["cur_scale"] < 2**24
+    whole = load_file(run / "model.safetensors")
+    assert {w.dtype for w in whole.values()} == {torch.float16}
+
+    proc = deepspeed(2, worker, *common, f"--train.resume={midway}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = load_file(run / "model.safetensors")
+    for name, w in whole.items():
+        assert torch.equal(resumed[name], w), name
+    again = [
+        r for r in map(json.loads, (run / "metrics.jsonl").open()) if r.get("event") == "epoch"
+    ]
+    assert again[-1]["train/loss_scale_skipped"] == epochs[-1]["train/loss_scale_skipped"]
+
+
 def test_a_failing_rank_ends_the_job(tmp_path):
     """One rank's data is all bad: it raises, and the launcher ends the whole job non-zero
     (the other rank, blocked in a collective, must not hang)."""

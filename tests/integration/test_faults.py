@@ -160,9 +160,12 @@ def test_nonfinite_steps_are_skipped_without_touching_the_weights(tmp_path, monk
     assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in res.epochs)
 
 
-def test_too_many_nonfinite_steps_stop_with_the_last_good_state(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sync", [[], ["--train.host_sync=log", "--optim.impl=fused"]])
+def test_too_many_nonfinite_steps_stop_with_the_last_good_state(tmp_path, monkeypatch, sync):
+    """The stop, and a resume from its checkpoint that still counts the 3 skipped steps
+    (host_sync=log: its device-side counters are restored too)."""
     monkeypatch.chdir(REPO)
-    trainer = Trainer(_cfg(tmp_path, "--train.max_nonfinite_in_row=3"), quiet=True)
+    trainer = Trainer(_cfg(tmp_path, "--train.max_nonfinite_in_row=3", *sync), quiet=True)
     _nan_at(trainer, set(range(4, 100)))
     with pytest.raises(Stopped, match=r"3 steps in a row had a non-finite loss") as info:
         trainer.fit()
@@ -170,6 +173,11 @@ def test_too_many_nonfinite_steps_stop_with_the_last_good_state(tmp_path, monkey
     ckpt = torch.load(tmp_path / "n" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 6
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    resume = f"--train.resume={tmp_path / 'n' / 'checkpoint.pt'}"
+    resumed = Trainer(_cfg(tmp_path, *sync, resume), quiet=True)
+    _nan_at(resumed, {9})  # one more: 4 in all
+    res = resumed.fit()
+    assert res.epochs[-1]["train/nonfinite_skipped"] == 4
 
 
 def test_collapse_is_reported_and_dead_experts_are_revived(tmp_path, monkeypatch):

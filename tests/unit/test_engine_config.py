@@ -34,9 +34,10 @@ def test_shipped_knob_files_hold_engine_knobs_only(repo):
     [
         ({"train_batch_size": 8}, r"train_batch_size \(owned by train\.batch_size\)"),
         (
-            {"optimizer": {"type": "Adam"}, "bf16": {}},
-            r"bf16 \(owned by train\.precision\), optimizer",
+            {"optimizer": {"type": "Adam"}, "bf16": {"enabled": True}},
+            r"optimizer \(owned by optim\.\*\), bf16\.enabled \(owned by train\.precision\)",
         ),
+        ({"fp16": True}, r"fp16 must be an object of engine knobs"),
         ({"gradient_clipping": 1.0}, r"owned by optim\.grad_clip"),
         ({"zero_optimization": {"stage": 3}}, r"ZeRO stage 3 is not supported"),
     ],
@@ -54,6 +55,24 @@ def test_missing_or_broken_knob_file(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(MoeVaeError, match="not valid JSON"):
         load_knobs(str(tmp_path / "bad.json"))
+
+
+def test_precision_sections_are_engine_knobs(tmp_path):
+    """fp16's loss-scaling knobs come from the JSON; whether fp16 is on, from train.precision."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "fp16": {"hysteresis": 4}}))
+    knobs = load_knobs(str(path))
+    ds = deepspeed_dict(load_config(None, ["--train.precision=fp16"]), 2, knobs)
+    assert ds["fp16"] == {"hysteresis": 4, "enabled": True}
+    with pytest.raises(MoeVaeError, match=r"sets fp16 knobs, but train\.precision=bf16"):
+        deepspeed_dict(load_config(None, ["--train.precision=bf16"]), 2, knobs)
+
+
+def test_fp16_under_zero_0_is_refused():
+    """DeepSpeed's ZeRO 0 fp16 path never scales the loss but unscales the gradients."""
+    cfg = load_config(None, ["--train.precision=fp16"])
+    with pytest.raises(MoeVaeError, match=r"ZeRO stage 0.*DeepSpeed#8393.*ZeRO 1 or 2"):
+        deepspeed_dict(cfg, 2, load_knobs(None))
 
 
 def test_batch_must_split_evenly():
@@ -75,7 +94,7 @@ def test_fp16_on_cpu_is_refused_before_deepspeed_starts():
 
     cfg = load_config(None, ["--train.precision=fp16"])
     model = MixtureOfVAEs(cfg.model, (1, 28, 28))
-    with pytest.raises(MoeVaeError, match=r"fp16 needs a GPU.*on CPU use fp32 or bf16"):
+    with pytest.raises(MoeVaeError, match=r"fp16: DeepSpeed's cpu accelerator has no fp16"):
         build_engine(model, cfg, 1)
 
 
