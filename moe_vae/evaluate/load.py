@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from moe_vae.config.load import format_validation_error
 from moe_vae.config.schema import Config
 from moe_vae.model.mixture import MixtureOfVAEs
-from moe_vae.train.checkpoint import CheckpointError, load_checkpoint
+from moe_vae.train.checkpoint import CheckpointError, check_same_model, load_checkpoint
 
 
 def _resolve(path: Path) -> Path:
@@ -63,14 +63,8 @@ def load_trained(
         cfg = Config.model_validate(yaml.safe_load(config_yaml))
     except ValidationError as err:
         raise CheckpointError(f"{str(file)!r}: {format_validation_error(err)}") from None
-    if expect is not None and expect.model != cfg.model:
-        saved, wanted = cfg.model.model_dump(), expect.model.model_dump()
-        diff = ", ".join(
-            f"model.{k}: {saved[k]!r} here, {wanted[k]!r} asked"
-            for k in saved
-            if saved[k] != wanted[k]
-        )
-        raise CheckpointError(f"checkpoint {str(file)!r} is of another model shape ({diff})")
+    if expect is not None:
+        check_same_model(file, cfg.model, expect.model)
     model = MixtureOfVAEs(cfg.model, tuple(shape))  # type: ignore[arg-type]
     # In the dtype the weights were trained in (bf16 under train.precision=bf16-true), so that
     # an evaluation here computes what the trainer's own did.

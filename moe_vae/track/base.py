@@ -20,7 +20,8 @@ class Tracker(Protocol):
     def summary(self, values: dict[str, Any]) -> None:
         """Final values of the run."""
 
-    def finish(self) -> None: ...
+    def finish(self, exit_code: int = 0) -> None:
+        """End the run; a non-zero exit_code marks it stopped early (pre-emption, failure)."""
 
 
 class MultiTracker:
@@ -43,9 +44,9 @@ class MultiTracker:
         for t in self.trackers:
             t.summary(values)
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         for t in self.trackers:
-            t.finish()
+            t.finish(exit_code)
 
 
 def build_tracker(

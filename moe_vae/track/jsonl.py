@@ -43,7 +43,7 @@ class JsonlTracker:
     def summary(self, values: dict[str, Any]) -> None:
         pass  # the final record and eval.json hold them
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         self.file.close()
 
 

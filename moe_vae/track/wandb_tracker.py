@@ -83,10 +83,10 @@ class WandbTracker:
         except Exception as err:
             self._fail("write the summary", err)
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         if self.run is None:
             return
         try:
-            self.run.finish()
+            self.run.finish(exit_code=exit_code)
         except Exception as err:
             self._fail("finish", err)

@@ -16,6 +16,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from moe_vae.config.schema import ModelConfig
 from moe_vae.errors import MoeVaeError
 
 
@@ -58,15 +59,7 @@ def save_rotating(run_dir: Path, state: dict[str, Any], step: int, keep: int) ->
     folder.mkdir(exist_ok=True)
     path = folder / f"step-{step:09d}.pt"
     save_checkpoint(path, state)
-    latest_tmp = run_dir / ".checkpoint.pt.link"
-    latest_tmp.unlink(missing_ok=True)
-    try:
-        os.link(path, latest_tmp)
-    except OSError:  # no hard links on this filesystem: a copy, still swapped in atomically
-        import shutil
-
-        shutil.copyfile(path, latest_tmp)
-    os.replace(latest_tmp, run_dir / "checkpoint.pt")
+    point_latest_at(run_dir, path)
     for old in sorted(folder.glob("step-*.pt"))[:-keep]:
         old.unlink()
     return path
@@ -83,6 +76,65 @@ def run_dir_of(checkpoint: Path) -> Path:
     a kept step checkpoint (`<run>/checkpoints/step-N.pt`, a roll-back) the run's."""
     folder = checkpoint.parent
     return folder.parent if folder.name == "checkpoints" else folder
+
+
+def point_latest_at(run_dir: Path, path: Path) -> None:
+    """checkpoint.pt -> `path` (a hard link swapped in by rename, so never partial)."""
+    latest_tmp = run_dir / ".checkpoint.pt.link"
+    latest_tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, latest_tmp)
+    except OSError:  # no hard links on this filesystem: a copy, still swapped in atomically
+        import shutil
+
+        shutil.copyfile(path, latest_tmp)
+    os.replace(latest_tmp, run_dir / "checkpoint.pt")
+
+
+def roll_back_to(checkpoint: Path) -> list[Path]:
+    """A resume from a kept `<run>/checkpoints/step-N.pt`: the later kept checkpoints move to
+    `checkpoints/rolled-back/` (out of the rotation, which would otherwise prune by name and keep
+    them over newer ones) and checkpoint.pt points at step N, so a crash before the next save
+    resumes the roll-back, not the abandoned future. Returns the moved files' new paths."""
+    folder = checkpoint.parent
+    if folder.name != "checkpoints" or not checkpoint.name.startswith("step-"):
+        return []
+    later = [p for p in sorted(folder.glob("step-*.pt")) if p.name > checkpoint.name]
+    moved = []
+    if later:
+        aside = folder / "rolled-back"
+        aside.mkdir(exist_ok=True)
+        for p in later:
+            moved.append(aside / p.name)
+            os.replace(p, moved[-1])
+    point_latest_at(folder.parent, checkpoint)
+    return moved
+
+
+# What a resume reads beyond the weights and config (a weights-only file lacks them).
+RESUME_KEYS = ("step", "data", "epoch_sums", "epoch_steps", "epochs", "grid_rows", "rng")
+
+
+def require_resumable(path: Path, state: dict[str, Any]) -> None:
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot resume training: it lacks {', '.join(missing)} "
+            "(expected a checkpoint.pt or checkpoints/step-N.pt written by moe-vae train)"
+        )
+
+
+def check_same_model(path: Path, saved: ModelConfig, wanted: ModelConfig) -> None:
+    """One error listing every model setting that differs (a checkpoint of another shape)."""
+    if saved == wanted:
+        return
+    theirs, ours = saved.model_dump(), wanted.model_dump()
+    diff = ", ".join(
+        f"model.{k}: {theirs[k]!r} in the checkpoint, {ours[k]!r} asked"
+        for k in theirs
+        if theirs[k] != ours[k]
+    )
+    raise CheckpointError(f"checkpoint {str(path)!r} is of another model shape ({diff})")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from pydantic import ValidationError
 from tqdm import tqdm
 
-from moe_vae.config.load import config_to_yaml
+from moe_vae.config.load import config_to_yaml, format_validation_error
 from moe_vae.config.schema import Config
 from moe_vae.data.build import build_data, ensure_mnist_shards
 from moe_vae.data.loaders import InMemoryLoader, loader_state
@@ -54,8 +55,11 @@ from moe_vae.track.base import MultiTracker, build_tracker
 from moe_vae.train.checkpoint import (
     CheckpointError,
     auto_resume_path,
+    check_same_model,
     load_checkpoint,
+    require_resumable,
     rng_state,
+    roll_back_to,
     run_dir_of,
     save_rotating,
     set_rng_state,
@@ -107,6 +111,7 @@ class Stopped(MoeVaeError):
     def __init__(self, message: str, exit_code: int = 3) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.is_main, self.world_size = True, 1  # set by train() for the command line
 
 
 class Trainer:
@@ -248,8 +253,16 @@ class Trainer:
             self.anchor_targets_N = self.anchor.targets(train.keys.tolist(), self.device)
         if ckpt is not None and resume is not None:
             # Before touching the run directory: a bad checkpoint writes nothing.
-            self._restore(ckpt)
+            self._restore(ckpt, resume)
             run_dir: Path | None = run_dir_of(resume)
+            if self.par.is_main:
+                moved = roll_back_to(resume)
+                if moved:
+                    warnings.warn(
+                        f"rolled back to {resume.name}: the {len(moved)} later checkpoint(s) "
+                        f"moved to {moved[0].parent}",
+                        stacklevel=2,
+                    )
         else:
             # resume=auto with nothing to resume: start in that directory (a requeued job).
             overwrite = cfg.output.overwrite or cfg.train.resume == "auto"
@@ -258,7 +271,11 @@ class Trainer:
         self.run_dir: Path = self.par.broadcast(run_dir)
         self.tracker: MultiTracker | None = None
         if self.par.is_main:  # only the global rank 0 tracks
-            (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            # Loadable with --config to run this again: a one-off resume path is not part of it
+            # (it would resume that checkpoint into this run); resume=auto, a policy, stays.
+            again = cfg.train.resume if cfg.train.resume == "auto" else None
+            rerun = cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": again})})
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(rerun))
             logged = cfg.model_dump(mode="json")
             if self.engine is not None:
                 logged["deepspeed"] = self.engine.config
@@ -336,19 +353,21 @@ class Trainer:
         if self.par.is_main:  # only one rank writes, renames and prunes
             save_rotating(self.run_dir, state, self.step, self.cfg.train.keep_checkpoints)
 
-    def _restore(self, ckpt: dict[str, Any]) -> None:
-        saved = yaml.safe_load(ckpt["config"])
-        if saved.get("model") != self.cfg.model.model_dump(mode="json"):
+    def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
+        require_resumable(path, ckpt)
+        try:
+            saved = Config.model_validate(yaml.safe_load(ckpt["config"]))
+        except (ValidationError, yaml.YAMLError) as err:
+            detail = format_validation_error(err) if isinstance(err, ValidationError) else err
             raise CheckpointError(
-                f"checkpoint {self.cfg.train.resume!r} holds a different model "
-                f"({saved.get('model')}); resume with the same model section"
-            )
+                f"checkpoint {str(path)!r} has a broken config: {detail}"
+            ) from None
+        check_same_model(path, saved.model, self.cfg.model)
         try:
             load_full_state_dict(self.model, ckpt["model"])
         except (KeyError, RuntimeError) as err:
             raise CheckpointError(
-                f"checkpoint {self.cfg.train.resume!r} does not fit this model: "
-                f"{str(err).splitlines()[0]}"
+                f"checkpoint {str(path)!r} does not fit this model: {str(err).splitlines()[0]}"
             ) from None
         sync_master_weights(self.optim)
         if "optim" in ckpt:
@@ -371,9 +390,10 @@ class Trainer:
         self.epoch_steps = ckpt["epoch_steps"]
         if "epoch_usage" in ckpt:
             self.epoch_usage_2E = ckpt["epoch_usage"].to(self.device)
-        complete = [i for i, r in enumerate(ckpt["epochs"]) if r.get("complete", True)]
-        self.epochs = [ckpt["epochs"][i] for i in complete]
-        self.grid_rows = [ckpt["grid_rows"][i].numpy() for i in complete]
+        # An unfinished epoch's record stays until the resumed run finishes that epoch (fit
+        # replaces it): a run stopped at train.max_steps mid-epoch ends with it.
+        self.epochs = list(ckpt["epochs"])
+        self.grid_rows = [row.numpy() for row in ckpt["grid_rows"]]
         per_rank = ckpt.get("rng_per_rank")
         same_world = ckpt.get("world_size", 1) == self.par.info.world_size
         if per_rank and same_world:
@@ -741,7 +761,12 @@ class Trainer:
         )
         final_eval: dict[str, Any] = {}
         for epoch in range(self.epoch, cfg.train.epochs + 1):
+            if self._done():  # resumed at train.max_steps already: no step more
+                break
             record = self.train_epoch(epoch)
+            if self.epochs and self.epochs[-1]["epoch"] == epoch:  # its unfinished record
+                self.epochs.pop()
+                self.grid_rows.pop()
             self.epochs.append(record)  # eval results are added to the same dict below
             self.model.eval()
             row = self.par.gather_experts(self.model.decode_all(self.z_fixed_1Z)[:, 0])
@@ -805,6 +830,13 @@ class Trainer:
 def train(cfg: Config, run_name: str = "run", quiet: bool = False) -> RunResult:
     """Train one run to the end (or train.max_steps) and write its outputs."""
     trainer = Trainer(cfg, run_name, quiet)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Stopped as stop:  # every rank stops together: leave together, the run marked
+        if trainer.tracker is not None:
+            trainer.tracker.finish(stop.exit_code)
+        trainer.par.shutdown()
+        stop.is_main, stop.world_size = trainer.par.is_main, trainer.par.info.world_size
+        raise
     trainer.par.shutdown()
     return result

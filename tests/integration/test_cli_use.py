@@ -151,7 +151,7 @@ def test_export_loads_without_deepspeed(run_dir, tmp_path):
         ),
         (
             ["eval", "--checkpoint", "RUN", "--config", "configs/mnist_seed.yaml"],
-            "is of another model shape (model.num_experts: 4 here, 10 asked",
+            "is of another model shape (model.num_experts: 4 in the checkpoint, 10 asked",
         ),
         (["assign", "--checkpoint", "RUN", "--out", "x.txt"], "expected a .csv or .parquet"),
         (["export", "--checkpoint", "RUN", "--out", "x.pt"], "expected a .safetensors"),

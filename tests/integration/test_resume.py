@@ -26,6 +26,10 @@ def _cfg(tmp_path, name, *extra):
     )
 
 
+def ckpt_config(path):
+    return torch.load(path, weights_only=True)["config"]
+
+
 def _steps(run_dir):
     return step_values(run_dir / "metrics.jsonl")
 
@@ -92,8 +96,14 @@ def test_periodic_checkpoints_and_bad_resume(tmp_path, monkeypatch, repo):
     ckpt = res.run_dir / "checkpoint.pt"
     assert ckpt.is_file() and not list(res.run_dir.glob(".*.tmp"))
     before = sorted(p.name for p in res.run_dir.iterdir())
-    with pytest.raises(CheckpointError, match="holds a different model"):
+    with pytest.raises(
+        CheckpointError, match=r"shape \(model\.z_dim: 4 in the checkpoint, 5 asked\)"
+    ):
         train(_cfg(tmp_path, "p", "--model.z_dim=5", f"--train.resume={ckpt}"), quiet=True)
+    weights_only = {"model": {}, "config": ckpt_config(ckpt)}  # no counters, no data position
+    torch.save(weights_only, tmp_path / "weights.pt")
+    with pytest.raises(CheckpointError, match=r"cannot resume training: it lacks step, data"):
+        train(_cfg(tmp_path, "q", f"--train.resume={tmp_path / 'weights.pt'}"), quiet=True)
     (tmp_path / "trunc.pt").write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated or not a moe-vae checkpoint"):
         train(_cfg(tmp_path, "q", f"--train.resume={tmp_path / 'trunc.pt'}"), quiet=True)
@@ -130,6 +140,37 @@ def test_keep_last_k_and_resume_auto(tmp_path, monkeypatch, repo):
         quiet=True,
     )
     assert fresh.final_eval["steps"] == 2
+
+
+def test_resuming_a_run_finished_at_max_steps_takes_no_step(tmp_path, monkeypatch, repo):
+    """A requeued job (resume=auto, same command) whose run already reached train.max_steps."""
+    monkeypatch.chdir(repo)
+    args = ("--train.max_steps=6", "--train.resume=auto", "--track.wandb=disabled")
+    first = train(_cfg(tmp_path, "m", *args), quiet=True)
+    weights = load_file(first.run_dir / "model.safetensors")
+    again = train(_cfg(tmp_path, "m", *args), quiet=True)
+    assert again.final_eval["steps"] == 6 and len(again.epochs) == len(first.epochs)
+    after = load_file(first.run_dir / "model.safetensors")
+    assert all(torch.equal(after[k], w) for k, w in weights.items())
+
+
+def test_roll_back_sets_later_checkpoints_aside(tmp_path, monkeypatch, repo):
+    """Resuming from a kept step-N.pt: the later ones leave the rotation (kept aside, not
+    deleted), checkpoint.pt points at step N at once, and config.yaml, loadable with --config,
+    does not carry the one-off resume path."""
+    monkeypatch.chdir(repo)
+    common = ("--train.checkpoint_every=5", "--train.keep_checkpoints=5", "--track.wandb=disabled")
+    res = train(_cfg(tmp_path, "r", *common, "--train.max_steps=15"), quiet=True)
+    step5 = res.run_dir / "checkpoints" / "step-000000005.pt"
+    cfg = _cfg(tmp_path, "r", *common, "--train.max_steps=7", f"--train.resume={step5}")
+    with pytest.warns(UserWarning, match=r"rolled back to step-000000005\.pt: the 2 later"):
+        train(cfg, quiet=True)
+    aside = sorted(p.name for p in (res.run_dir / "checkpoints" / "rolled-back").iterdir())
+    assert aside == ["step-000000010.pt", "step-000000015.pt"]
+    kept = sorted(p.name for p in (res.run_dir / "checkpoints").glob("step-*.pt"))
+    assert kept == ["step-000000005.pt", "step-000000007.pt"]
+    assert torch.load(res.run_dir / "checkpoint.pt", weights_only=True)["step"] == 7
+    assert load_config(res.run_dir / "config.yaml").train.resume is None
 
 
 def test_resume_auto_needs_a_run_name():
