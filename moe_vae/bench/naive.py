@@ -68,6 +68,10 @@ def unsupported(cfg: Config) -> str | None:
     m = cfg.model
     if cfg.loss.choice_balancing_weight:
         return "the naive baseline has no choice-balancing term (loss.choice_balancing_weight)"
+    if cfg.data.name != "mnist":  # it reads the embedded MNIST: another dataset is another job
+        return f"the naive baseline trains on MNIST only (data.name={cfg.data.name})"
+    if m.hierarchy:
+        return f"the naive baseline has a flat manager only (model.hierarchy={m.hierarchy})"
     if m.expert == "mlp" and m.routing == "dense":
         return None
     return (

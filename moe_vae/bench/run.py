@@ -119,7 +119,10 @@ def naive(cfg: Config, device: torch.device) -> Contender:
     )
     torch.manual_seed(cfg.train.seed)
     model = NaiveMixture(cfg, x.shape[1]).to(device)
-    optim = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+    o = cfg.optim  # the same Adam as ours, in torch's default (per-tensor) implementation
+    optim = torch.optim.Adam(
+        model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+    )
 
     def batches() -> Iterator[torch.Tensor]:
         for (xb,) in loader:
@@ -129,6 +132,8 @@ def naive(cfg: Config, device: torch.device) -> Contender:
         loss = model(xb)
         optim.zero_grad()
         loss.backward()
+        if o.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         optim.step()
         return loss.detach()
 

@@ -320,9 +320,7 @@ class Trainer:
             "world_size": self.par.info.world_size,
             "image_shape": list(self.image_shape),
             "step": self.step,
-            "epoch": self.epoch,
-            "batches_done": self.batches_done,
-            "data": loader_state(self.epoch, self.batches_done),
+            "data": loader_state(self.epoch, self.batches_done),  # epoch and position in it
             "epoch_sums": self.epoch_sums.cpu(),
             "epoch_steps": self.epoch_steps,
             "epoch_usage": self.epoch_usage_2E.cpu(),

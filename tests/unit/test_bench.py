@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,22 @@ def test_bench_runs_the_cuda_graph_step_on_sample_indices(tmp_path, monkeypatch)
         losses = [mine.step(next(mine.batches)) for _ in range(3)]
     assert all(torch.isfinite(loss) for loss in losses)
     assert len({float(loss) for loss in losses}) == 3  # three different batches and updates
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (["--data.name=shards", "--data.train_shards=x.tar"], r"MNIST only \(data\.name=shards\)"),
+        (["--model.hierarchy=[2, 2]"], r"flat manager only \(model\.hierarchy=\[2, 2\]\)"),
+        (["--model.routing=topk"], r"dense routing over MLP experts only"),
+    ],
+)
+def test_the_baseline_refuses_configs_it_would_not_run_alike(extra, reason):
+    """The baseline reads the embedded MNIST through a flat, dense mixture: any other workload
+    would make the ratio compare two different jobs."""
+    from moe_vae.bench.naive import unsupported
+
+    assert unsupported(load_config(None, [])) is None
+    message = unsupported(load_config(None, extra))
+    assert message is not None
+    assert re.search(reason, message), message
