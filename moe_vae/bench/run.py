@@ -121,7 +121,11 @@ def naive(cfg: Config, device: torch.device) -> Contender:
     model = NaiveMixture(cfg, x.shape[1]).to(device)
     o = cfg.optim  # the same Adam as ours, in torch's default (per-tensor) implementation
     optim = torch.optim.Adam(
-        model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        model.parameters(),
+        lr=o.lr,
+        betas=(o.betas[0], o.betas[1]),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
     )
 
     def batches() -> Iterator[torch.Tensor]:
