@@ -345,28 +345,34 @@ def _step_losses(run: Path) -> dict[int, float]:
     return step_values(run / "metrics.jsonl")
 
 
-def _kill_job_at_step(proc: subprocess.Popen, run: Path, step: int) -> None:
-    """SIGKILL the launcher and every rank once the run has logged `step`."""
+def _kill_job_at_step(
+    proc: subprocess.Popen, run: Path, step: int, sig: int = signal.SIGKILL
+) -> tuple[str, str]:
+    """Once the run has logged `step`, `sig` to the launcher and every rank (what a scheduler
+    does: SLURM signals every process of the job; DeepSpeed's single-node runner would not pass
+    a SIGTERM of its own on)."""
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
         if (run / "metrics.jsonl").exists() and max(
             step_values(run / "metrics.jsonl"), default=0
         ) >= step:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return
+            os.killpg(proc.pid, sig)
+            return proc.communicate(timeout=120)
         assert proc.poll() is None, "the job ended before it could be killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     raise TimeoutError(f"step {step} not reached")
 
 
-@pytest.mark.parametrize("zero", [0, 2])
-def test_two_rank_kill_9_and_resume_matches_uninterrupted(tmp_path, zero):
+@pytest.mark.parametrize(
+    ("zero", "sig"), [(0, signal.SIGKILL), (2, signal.SIGTERM)], ids=["zero0-kill-9", "zero2-term"]
+)
+def test_two_rank_stop_and_resume_matches_uninterrupted(tmp_path, zero, sig):
     """2 ranks through the deepspeed launcher, ZeRO 0 or 2: the whole job is SIGKILLed at a
-    random step, then resumed with train.resume=auto; per-step losses and final weights match
-    the uninterrupted run (model, ZeRO's fp32 master weights, Adam state by parameter and
-    every rank's RNG are restored). Stated tolerance for 2 processes: relative 1e-6."""
+    random step, or pre-empted (SIGTERM: every rank finishes its step, checkpoints and exits
+    143 with the resume line), then resumed with train.resume=auto; per-step losses and final
+    weights match the uninterrupted run (model, ZeRO's fp32 master weights, Adam state by
+    parameter and every rank's RNG are restored). Stated tolerance for 2 processes: 1e-6."""
     common = [
         "train",
         "--config",
@@ -382,9 +388,14 @@ def test_two_rank_kill_9_and_resume_matches_uninterrupted(tmp_path, zero):
     assert full.returncode == 0, full.stdout[-2000:] + full.stderr[-2000:]
     kill_at = random.Random(time.time_ns()).randint(5, 17)
     job = start_deepspeed(2, str(BIN / "moe-vae"), *common, "--output.name=part")
-    _kill_job_at_step(job, tmp_path / "part", kill_at)
+    out, err = _kill_job_at_step(job, tmp_path / "part", kill_at, sig)
     assert job.returncode != 0
     assert (tmp_path / "part" / "checkpoint.pt").is_file()
+    if sig == signal.SIGTERM:
+        stopped = load_checkpoint(tmp_path / "part" / "checkpoint.pt")["step"]
+        assert stopped >= kill_at
+        said = f"stopped by SIGTERM at step {stopped}; checkpoint saved: resume with"
+        assert said in out + err, (out + err)[-3000:]
     resumed = deepspeed(
         2, str(BIN / "moe-vae"), *common, "--output.name=part", "--train.resume=auto"
     )
