@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a mixture of VAEs",
-        description="Train a mixture of VAEs on one process (CPU, or one GPU when present).",
+        description=(
+            "Train a mixture of VAEs on one process (CPU, or one GPU when present), or as one\n"
+            "rank of a job started by deepspeed, torchrun or accelerate launch (see launch/)."
+        ),
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
