@@ -5,6 +5,9 @@
 #   launch/deepspeed_multi_node.sh launch/hostfile.example configs/mnist_seed.yaml --parallel.ep_size=8
 #
 # hostfile lines: "<hostname> slots=<gpus>". MASTER_ADDR defaults to the first host.
+# DeepSpeed starts the other nodes through pdsh, whose remote shell parses the overrides again:
+# DeepSpeed quotes only those with spaces, so a brace pattern (data/train-{000000..000005}.tar)
+# or a glob character typed here is expanded there. Put such values in the config file.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
   echo "usage: $0 HOSTFILE CONFIG.yaml [--section.key=value ...]" >&2

@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a mixture of VAEs",
-        description="Train a mixture of VAEs on one process (CPU, or one GPU when present).",
+        description=(
+            "Train a mixture of VAEs on one process (CPU, or one GPU when present), or as one\n"
+            "rank of a job started by deepspeed, torchrun or accelerate launch (see launch/)."
+        ),
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -136,7 +139,7 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
             type=Path,
             help="expected config: its model section must match the checkpoint's",
         )
-        p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+        p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
         if name in ("eval", "assign", "score"):
             p.add_argument(
                 "--split",
@@ -162,11 +165,31 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--out", type=Path, required=True, help="a .safetensors file")
 
 
+def _check_device(name: str) -> None:
+    """--device is cpu, cuda or cuda:N, and a CUDA device must exist: torch's own errors for a
+    typo or a machine without CUDA come much later, as tracebacks."""
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise MoeVaeError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if kind == "cpu":
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise MoeVaeError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    if index and int(index) >= count:
+        raise MoeVaeError(
+            f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
+
+
 def _use(args: argparse.Namespace) -> int:
     from moe_vae import commands as c
     from moe_vae.config.load import load_config
     from moe_vae.evaluate.load import load_trained
 
+    _check_device(args.device)
     expect = load_config(args.config) if args.config else None
     model, cfg = load_trained(args.checkpoint, expect, args.device)
     if args.command == "export":
@@ -182,8 +205,8 @@ def _use(args: argparse.Namespace) -> int:
         c.save_images(samples, args.out)
         print(f"wrote {args.n} images to {args.out} (experts {sorted(set(experts.tolist()))})")
         return 0
+    # The inputs stay on the host: evaluation and per_input move one batch at a time.
     images, labels, keys = c.input_set(cfg, args.split, args.shards, args.limit, model.image_shape)
-    images = images.to(args.device)
     if args.command == "eval":
         metrics = c.run_eval(model, cfg, images, labels, args.seed)
         text = json.dumps(metrics, indent=2)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from safetensors.torch import save_file
 
 from moe_vae.config.load import config_to_yaml
 from moe_vae.config.schema import Config
-from moe_vae.data.build import ensure_mnist_shards
+from moe_vae.data.build import EvalSet, ensure_mnist_shards
 from moe_vae.data.loaders import load_in_memory
 from moe_vae.data.shardlist import resolve
 from moe_vae.errors import MoeVaeError
@@ -56,15 +55,11 @@ def input_set(
     return images, labels, keys
 
 
-def _batches(images: torch.Tensor, labels: torch.Tensor, size: int) -> Iterator[tuple[Any, Any]]:
-    for start in range(0, len(images), size):
-        yield images[start : start + size], labels[start : start + size]
-
-
 def run_eval(
     model: MixtureOfVAEs, cfg: Config, images: torch.Tensor, labels: torch.Tensor, seed: int = 0
 ) -> dict[str, Any]:
-    return evaluate(model, _batches(images, labels, cfg.eval.batch_size), cfg.loss, cfg.eval, seed)
+    batches = EvalSet(images, labels).batches(cfg.eval.batch_size)
+    return evaluate(model, batches, cfg.loss, cfg.eval, seed)
 
 
 def expert_prior(path: Path, num_experts: int) -> np.ndarray:
@@ -88,17 +83,20 @@ def run_sample(
     model: MixtureOfVAEs, n: int, expert: int | None, prior: np.ndarray, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """n images [n, C, H, W] in [0, 1] and the expert of each (expert k, or drawn from prior)."""
-    gen = torch.Generator().manual_seed(seed)
+    # z is drawn where the model lives: generate() takes it as is, and a CUDA model given a
+    # CPU tensor fails. (A seed gives other images on CUDA than on the CPU.)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     if expert is not None:
         model._local_index(expert)  # a clear error for an unknown expert index
         experts = np.full(n, expert)
     else:
         experts = np.random.default_rng(seed).choice(len(prior), size=n, p=prior)
-    z = torch.randn(n, model.cfg.z_dim, generator=gen)
+    z = torch.randn(n, model.cfg.z_dim, generator=gen, device=device)
     images = torch.empty(n, model.input_dim)
     for k in np.unique(experts):
         rows = torch.from_numpy(np.flatnonzero(experts == k))
-        images[rows] = model.generate(z[rows], int(k)).cpu()
+        images[rows] = model.generate(z[rows.to(device)], int(k)).cpu()
     return images.view(n, *model.image_shape).numpy(), experts
 
 
@@ -123,16 +121,20 @@ def save_images(images: np.ndarray, path: Path, columns: int = 10) -> None:
 def per_input(
     model: MixtureOfVAEs, cfg: Config, images: torch.Tensor, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Manager probabilities [N, E] and mixture negative log-likelihood [N] of every input."""
-    gen = torch.Generator().manual_seed(seed)
+    """Manager probabilities [N, E] and mixture negative log-likelihood [N] of every input
+    (`images` anywhere: each batch goes to the model's device, the results come back)."""
+    # The noise generator must live on the model's device (the forward draws there), as in
+    # evaluate(); a seed then gives other noise on CUDA than on the CPU.
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()  # greedy top-k routing, as evaluation
     probs, nll = [], []
     for start in range(0, len(images), cfg.eval.batch_size):
-        x_BD = to_inputs(images[start : start + cfg.eval.batch_size])
+        x_BD = to_inputs(images[start : start + cfg.eval.batch_size].to(device))
         routed, logits_BE = evaluation_losses(model, x_BD, cfg.loss, gen)
-        probs.append(routed.logits_BE.softmax(-1))
-        nll.append(mixture_nll_per_input(logits_BE, routed.loss_BE))
+        probs.append(routed.logits_BE.softmax(-1).cpu())
+        nll.append(mixture_nll_per_input(logits_BE, routed.loss_BE).cpu())
     model.train(was_training)
     return torch.cat(probs).numpy(), torch.cat(nll).numpy()
 

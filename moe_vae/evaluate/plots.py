@@ -1,7 +1,11 @@
 """PNG figures of a run, so a user without a tracker sees the same story.
 
 - expert grid (the seed's figure): rows = epochs, columns = experts, one shared z per row;
-- loss curves: expected expert loss, balancing and total per epoch.
+- loss curves: expected expert loss, balancing and total per epoch;
+- expert usage: each expert's share of the manager's probability;
+- confusion: expert x class counts (labelled evaluation data only);
+- reconstructions: inputs above their reconstruction by the assigned expert;
+- hierarchy samples: samples of every leaf, a row per top-level expert (hierarchies only).
 matplotlib is imported here only, with the Agg backend (no display needed).
 """
 

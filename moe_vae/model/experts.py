@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_vae.config.schema import ModelConfig
+from moe_vae.errors import MoeVaeError
 from moe_vae.model.grouped import Groups
 from moe_vae.model.layers import StackedMLP, activation
 
@@ -171,9 +172,13 @@ class ConvExpertBank(ExpertBank):
         for _ in cfg.conv_channels:
             h, w = self.sizes[-1]
             if h < 2 or w < 2:
-                raise ValueError(
-                    f"model.conv_channels has {len(cfg.conv_channels)} stride-2 layers, too many "
-                    f"for {H}x{W} images"
+                # Bad input, not a bug: the image size is known only once the data is read, so
+                # the config's own validation cannot catch this.
+                fits = len(self.sizes) - 1
+                raise MoeVaeError(
+                    f"model.conv_channels={cfg.conv_channels} has {len(cfg.conv_channels)} "
+                    f"stride-2 layers, too many for {H}x{W} images: each halves the size, so at "
+                    f"most {fits} fit"
                 )
             self.sizes.append((h // 2, w // 2))
         h, w = self.sizes[-1]

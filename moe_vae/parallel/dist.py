@@ -1,7 +1,8 @@
 """Process setup for every launcher: deepspeed, torchrun and accelerate all set RANK/WORLD_SIZE/
 LOCAL_RANK/MASTER_ADDR in the environment; DeepSpeed's init_distributed reads them.
 
-On a machine without CUDA, DeepSpeed runs on its CPU accelerator with the gloo backend.
+On a machine without CUDA, DeepSpeed runs on its CPU accelerator with the gloo backend (unless
+train.device says cuda: then that is an error, as for one process).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+
+from moe_vae.errors import MoeVaeError
 
 
 @dataclass(frozen=True)
@@ -28,8 +31,19 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def check_cuda(device_name: str) -> None:
+    """train.device=cuda where no CUDA device is: an error, not a silent CPU run (a job asked for
+    GPUs would train for hours on CPUs). `auto` is the one that falls back."""
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise MoeVaeError(
+            "train.device is 'cuda' but no CUDA device is available (train.device: auto falls "
+            "back to the CPU)"
+        )
+
+
 def init_distributed(device_name: str = "auto") -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (once) and pick this rank's device."""
+    check_cuda(device_name)  # before DeepSpeed starts (on its CPU accelerator, otherwise)
     use_cuda = torch.cuda.is_available() and device_name != "cpu"
     if not use_cuda:
         # DeepSpeed picks its accelerator at import: tell it before the first import.

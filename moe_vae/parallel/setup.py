@@ -15,15 +15,14 @@ import torch
 from moe_vae.config.schema import Config
 from moe_vae.errors import MoeVaeError
 from moe_vae.model.mixture import MixtureOfVAEs
-from moe_vae.parallel.dist import DistInfo, init_distributed, launched_world_size
+from moe_vae.parallel.dist import DistInfo, check_cuda, init_distributed, launched_world_size
 from moe_vae.parallel.groups import ExpertParallel
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MoeVaeError("train.device is 'cuda' but no CUDA device is available")
+    check_cuda(name)
     return torch.device(name)
 
 

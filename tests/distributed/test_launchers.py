@@ -1,10 +1,12 @@
 """The launch/ scripts start the same entry point: torchrun across two simulated nodes on
-127.0.0.1, accelerate launch with its config file, and the deepspeed single-node script."""
+127.0.0.1, accelerate launch with its config file, and the deepspeed single-node script; the
+SLURM script (no SLURM here) with stand-ins for srun and deepspeed."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +119,69 @@ def test_scripts_reject_missing_arguments():
             ["bash", f"launch/{script}"], cwd=REPO, capture_output=True, text=True, timeout=30
         )
         assert proc.returncode == 2 and "usage:" in proc.stderr, script
+
+
+def _stub(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text(f"#!/usr/bin/env bash\n{body}\n")
+    path.chmod(0o755)
+
+
+def test_slurm_script_passes_overrides_as_typed(tmp_path):
+    """launch/slurm_deepspeed.sbatch run by bash, with srun (runs its command as node 0),
+    scontrol and deepspeed (records its arguments and its ignored signals) stood in for: the
+    config path and overrides with spaces, brackets and braces arrive one argument each, as
+    typed, and the per-node launcher ignores SIGTERM (Slurm's warning is for the ranks)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "srun", 'while [[ $1 == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"')
+    _stub(bin_dir, "scontrol", "printf 'node-001\\nnode-002\\n'")
+    _stub(bin_dir, "moe-vae", "exit 1")
+    _stub(
+        bin_dir,
+        "deepspeed",
+        f'printf "%s\\n" "$@" > "{tmp_path}/argv"\n'
+        f'sed -n "s/^SigIgn:[[:space:]]*//p" /proc/$$/status > "{tmp_path}/ignored"',
+    )
+    overrides = [
+        "--data.train_shards=data/train-{000000..000005}.tar",
+        "--model.encoder_layers=[256, 128]",
+        "--output.name=a *",
+    ]
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="node-[001-002]",
+        SLURM_NNODES="2",
+        SLURM_GPUS_PER_NODE="h100:4",
+    )
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run(
+        ["bash", "launch/slurm_deepspeed.sbatch", "configs/my run.yaml", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "argv").read_text().splitlines() == [
+        "--no_ssh",
+        "--node_rank",
+        "0",
+        "--num_nodes",
+        "2",
+        "--num_gpus",
+        "4",
+        "--master_addr",
+        "node-001",
+        "--master_port",
+        "29500",
+        str(bin_dir / "moe-vae"),
+        "train",
+        "--config",
+        "configs/my run.yaml",
+        *overrides,
+    ]
+    ignored = int((tmp_path / "ignored").read_text(), 16)
+    assert ignored & (1 << (signal.SIGTERM - 1)), "SIGTERM would end the per-node launcher"

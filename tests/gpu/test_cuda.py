@@ -5,6 +5,10 @@ Run them on a GPU machine with `pytest tests/gpu`."""
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch._inductor.config
@@ -12,6 +16,7 @@ import torch._inductor.config
 from moe_vae.config import load_config
 from moe_vae.config.schema import LossConfig, ModelConfig
 from moe_vae.evaluate.evaluator import to_inputs
+from moe_vae.evaluate.load import load_trained
 from moe_vae.model.losses import objective
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.track.jsonl import step_values
@@ -190,3 +195,66 @@ def test_rounding_draws_are_the_same_on_cuda_eager_and_compiled():
         bits, rounded = fn(x.cuda())
         assert torch.equal(bits.cpu(), cpu_bits)
         assert torch.equal(rounded.cpu(), cpu_rounded)
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory) -> Path:
+    """The tiny recipe trained on the CPU, for the commands after training to load on CUDA."""
+    from moe_vae.train import train
+
+    cfg = load_config(
+        Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
+        [
+            f"--output.dir={tmp_path_factory.mktemp('use')}",
+            "--output.name=r",
+            "--train.device=cpu",
+            "--track.wandb=disabled",
+        ],
+    )
+    return train(cfg, quiet=True).run_dir
+
+
+def _table(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_assign_and_score_on_cuda(cpu_run, tmp_path):
+    """The noise generator on the model's device and the results brought back to the host:
+    the manager's probabilities (no noise in them) are the CPU's."""
+    from moe_vae.cli import main
+
+    for device in ("cpu", "cuda"):
+        for command in ("assign", "score"):
+            out = tmp_path / f"{command}-{device}.csv"
+            args = ["--checkpoint", str(cpu_run), "--limit", "40", "--device", device]
+            assert main([command, *args, "--out", str(out)]) == 0
+    cpu, cuda = _table(tmp_path / "assign-cpu.csv"), _table(tmp_path / "assign-cuda.csv")
+    assert len(cuda) == 40 and [r["key"] for r in cuda] == [r["key"] for r in cpu]
+    for a, b in zip(cpu, cuda, strict=True):
+        probs = [float(b[f"p_{e}"]) for e in range(4)]
+        assert probs == pytest.approx([float(a[f"p_{e}"]) for e in range(4)], abs=1e-4)
+        assert int(b["cluster"]) == int(np.argmax(probs))
+    nll = [float(r["nll"]) for r in _table(tmp_path / "score-cuda.csv")]
+    assert len(nll) == 40 and np.isfinite(nll).all()
+
+
+def test_sample_on_cuda(cpu_run, tmp_path):
+    """z drawn on CUDA from the seed, decoded there, the images brought back."""
+    from moe_vae.cli import main
+
+    out = tmp_path / "e.npy"
+    args = ["--checkpoint", str(cpu_run), "--expert", "1", "--n", "12", "--seed", "3"]
+    assert main(["sample", *args, "--device", "cuda", "--out", str(out)]) == 0
+    images = np.load(out)
+    model, _ = load_trained(cpu_run, device="cuda")
+    z = torch.randn(
+        12, model.cfg.z_dim, generator=torch.Generator("cuda").manual_seed(3), device="cuda"
+    )
+    np.testing.assert_allclose(
+        images.reshape(12, -1), model.generate(z, 1).cpu().numpy(), rtol=1e-5
+    )
+    mix = tmp_path / "m.png"
+    mixture = ["--checkpoint", str(cpu_run), "--mixture", "--device", "cuda"]
+    assert main(["sample", *mixture, "--out", str(mix)]) == 0
+    assert mix.stat().st_size > 0

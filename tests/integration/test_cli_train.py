@@ -129,6 +129,16 @@ def test_bad_override_is_one_line_and_writes_nothing(tmp_path):
             ],
             "matches nothing",
         ),
+        (  # known once the data is read (its image size): --quiet, no shard-cache progress bar
+            [
+                "--config",
+                "configs/tiny.yaml",
+                "--model.expert=conv",
+                "--model.conv_channels=[4,4,4,4,4]",
+                "--quiet",
+            ],
+            "model.conv_channels=[4, 4, 4, 4, 4] has 5 stride-2 layers, too many for 28x28",
+        ),
     ],
 )
 def test_cli_errors_are_clean(args, expected, tmp_path):

@@ -155,6 +155,11 @@ def test_export_loads_without_deepspeed(run_dir, tmp_path):
         ),
         (["assign", "--checkpoint", "RUN", "--out", "x.txt"], "expected a .csv or .parquet"),
         (["export", "--checkpoint", "RUN", "--out", "x.pt"], "expected a .safetensors"),
+        (["eval", "--checkpoint", "RUN", "--device", "cdua"], "--device 'cdua': expected cpu"),
+        (
+            ["score", "--checkpoint", "RUN", "--device", "cuda:x", "--out", "x.csv"],
+            "--device 'cuda:x': expected cpu, cuda or cuda:N",
+        ),
     ],
 )
 def test_clear_errors(run_dir, tmp_path, args, expected):
@@ -164,6 +169,21 @@ def test_clear_errors(run_dir, tmp_path, args, expected):
     assert proc.returncode == 2
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal where there is no GPU")
+@pytest.mark.parametrize("command", ["eval", "sample", "assign"])
+def test_cuda_without_a_gpu_is_a_clear_error(run_dir, tmp_path, command):
+    extra = {
+        "eval": [],
+        "sample": ["--mixture", "--out", str(tmp_path / "s.png")],
+        "assign": ["--out", str(tmp_path / "a.csv")],
+    }[command]
+    proc = run_cli(command, "--checkpoint", str(run_dir), "--device", "cuda", *extra)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "--device cuda: no CUDA device is available here" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_truncated_checkpoint_is_a_clear_error(run_dir, tmp_path):

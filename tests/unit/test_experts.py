@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moe_vae.config.schema import Config, LossConfig, ModelConfig, TrainConfig
+from moe_vae.errors import MoeVaeError
 from moe_vae.model.experts import ConvExpertBank, MLPExpertBank
 from moe_vae.model.layers import StackedMLP, activation
 from moe_vae.model.losses import gaussian_nll, kl_standard_normal, objective
@@ -190,8 +191,10 @@ def test_assign_is_manager_argmax():
 
 
 def test_conv_rejects_too_many_layers_for_image():
-    with pytest.raises(ValueError, match="too many for 4x4"):
+    """Bad input, so the package's error (one line from the CLI), naming the key and the fit."""
+    with pytest.raises(MoeVaeError, match=r"conv_channels=\[2, 2, 2\] has 3 .* 4x4 images.* 2 fit"):
         ConvExpertBank(ModelConfig(expert="conv", conv_channels=[2, 2, 2]), (1, 4, 4))
+    ConvExpertBank(ModelConfig(expert="conv", conv_channels=[2, 2]), (1, 4, 4))  # 4 -> 2 -> 1
 
 
 def test_model_package_never_imports_distribution():
