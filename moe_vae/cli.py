@@ -387,8 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in USE_EPILOGS:
             return _use(args)
     except MoeVaeError as err:
-        print(f"moe-vae: error: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", 2)
+        code = getattr(err, "exit_code", 2)
+        if getattr(err, "is_main", True):  # a stopped job: every rank stops, rank 0 says it
+            print(f"moe-vae: error: {err}", file=sys.stderr)
+        if getattr(err, "world_size", 1) > 1:  # left its process group: no teardown (exit_process)
+            from moe_vae.parallel.dist import exit_process
+
+            exit_process(code)
+        return code
     parser.error(f"unknown command {args.command!r}")
     return 2
 
