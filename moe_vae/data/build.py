@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -20,11 +21,18 @@ import torch
 from moe_vae.config.schema import DataConfig
 from moe_vae.data.cache import default_cache
 from moe_vae.data.digest import file_digest
-from moe_vae.data.loaders import InMemoryLoader, StreamingLoader, fits_in_memory, load_in_memory
+from moe_vae.data.loaders import (
+    InMemoryLoader,
+    StreamingLoader,
+    fits_in_memory,
+    load_in_memory,
+    memory_samples,
+)
 from moe_vae.data.mnist import MNIST_FILES, idx_files, mnist_root
 from moe_vae.data.shardlist import ShardSet, preflight, resolve
 from moe_vae.data.sources import mnist_source
 from moe_vae.data.writer import WriteOptions, manifest_path, write_shards
+from moe_vae.errors import MoeVaeError
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -142,8 +150,20 @@ def build_data(
     shards = resolve(train_spec)
     image_shape = preflight(shards)
     use_memory = cfg.loader == "memory" or (
-        cfg.loader == "auto" and fits_in_memory(shards, image_shape, cfg.memory_limit_mb)
+        cfg.loader == "auto"
+        and fits_in_memory(shards, image_shape, cfg.memory_limit_mb, cfg.train_limit)
     )
+    if cfg.train_limit and not use_memory:
+        # The streaming loader reads every shard: it has no limit to honour.
+        n = memory_samples(shards, cfg.train_limit)
+        size_mb = (n or 0) * math.prod(image_shape) / 2**20
+        raise MoeVaeError(
+            f"data.train_limit={cfg.train_limit} needs the in-memory loader, but "
+            f"data.loader=auto streams these shards: {n} samples of {list(image_shape)} take "
+            f"{size_mb:.1f} MiB, more than data.memory_limit_mb={cfg.memory_limit_mb}; raise "
+            f"data.memory_limit_mb, set data.loader=memory, or lower data.train_limit "
+            f"(null streams all the data)"
+        )
     skipped: Counter[str] = Counter()
     train: InMemoryLoader | StreamingLoader
     if use_memory:

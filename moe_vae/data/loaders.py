@@ -268,8 +268,22 @@ def load_in_memory(
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), keys, counter.counts
 
 
-def fits_in_memory(shards: ShardSet, image_shape: tuple[int, int, int], limit_mb: int) -> bool:
+def memory_samples(shards: ShardSet, sample_limit: int | None = None) -> int | None:
+    """How many samples load_in_memory would hold: all, or only the first `sample_limit` (then
+    known even for shards of unknown size)."""
     n = shards.num_samples
+    if sample_limit is None:
+        return n
+    return sample_limit if n is None else min(n, sample_limit)
+
+
+def fits_in_memory(
+    shards: ShardSet,
+    image_shape: tuple[int, int, int],
+    limit_mb: int,
+    sample_limit: int | None = None,
+) -> bool:
+    n = memory_samples(shards, sample_limit)
     return n is not None and n * math.prod(image_shape) <= limit_mb * 2**20
 
 

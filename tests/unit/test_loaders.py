@@ -170,3 +170,35 @@ def test_resampled_stream_runs_the_planned_steps(tmp_path):
     loader = _stream(shards, resampled=True, epoch_steps=23)
     assert len(_keys(loader, 0)) == 230
     assert _keys(loader, 0) == _keys(_stream(shards, resampled=True, epoch_steps=23), 0)
+
+
+def test_train_limit_counts_against_the_memory_limit_or_is_refused(tmp_path):
+    """data.loader=auto holds the first data.train_limit samples in memory when they fit, even
+    when all the data would not; when they do not fit either, one error, not an ignored limit."""
+    from moe_vae.config.schema import DataConfig
+    from moe_vae.data.build import build_data
+    from moe_vae.data.loaders import fits_in_memory
+    from moe_vae.data.shardlist import ShardSet
+    from moe_vae.errors import MoeVaeError
+
+    # 300 images of 64 x 64: 1.17 MiB in all, over a 1 MiB limit; 100 of them fit.
+    pattern, images, _ = write_tiny(tmp_path, n=300, per_shard=100, shape=(64, 64))
+
+    def data(**kw):
+        cfg = DataConfig(name="shards", train_shards=pattern, memory_limit_mb=1, **kw)
+        return build_data(cfg, batch_size=10, seed=0, device=torch.device("cpu"), progress=False)
+
+    assert isinstance(data().train, StreamingLoader)
+    limited = data(train_limit=100).train
+    assert isinstance(limited, InMemoryLoader) and len(limited.images) == 100
+    assert torch.equal(limited.images[:, 0], torch.from_numpy(images[:100]))
+    with pytest.raises(
+        MoeVaeError,
+        match=r"data\.train_limit=290 needs the in-memory loader, but data\.loader=auto streams "
+        r"these shards: 290 samples .*data\.memory_limit_mb=1",
+    ):
+        data(train_limit=290)
+    # Shards of unknown size: the limit alone bounds what is held.
+    unknown = ShardSet(["remote-shard.tar"], None, None)
+    assert not fits_in_memory(unknown, (1, 64, 64), 1)
+    assert fits_in_memory(unknown, (1, 64, 64), 1, sample_limit=100)
