@@ -273,7 +273,8 @@ class DataConfig(Section):
     epoch_steps: PositiveInt | None = None
     # More skipped (bad) samples than this fraction stops training with an error.
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
-    # Use only the first N train / test samples (quick runs, tests; in-memory loader only).
+    # Use only the first N train / test samples (quick runs, tests; in-memory loader only: with
+    # loader auto, only these N count against memory_limit_mb, and an error if they do not fit).
     train_limit: PositiveInt | None = None
     test_limit: PositiveInt | None = None
 

@@ -6,9 +6,13 @@ user's shards; small data then takes the in-memory fast path, large data streams
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +21,18 @@ import torch
 from moe_vae.config.schema import DataConfig
 from moe_vae.data.cache import default_cache
 from moe_vae.data.digest import file_digest
-from moe_vae.data.loaders import InMemoryLoader, StreamingLoader, fits_in_memory, load_in_memory
-from moe_vae.data.mnist import mnist_root
+from moe_vae.data.loaders import (
+    InMemoryLoader,
+    StreamingLoader,
+    fits_in_memory,
+    load_in_memory,
+    memory_samples,
+)
+from moe_vae.data.mnist import MNIST_FILES, idx_files, mnist_root
 from moe_vae.data.shardlist import ShardSet, preflight, resolve
 from moe_vae.data.sources import mnist_source
 from moe_vae.data.writer import WriteOptions, manifest_path, write_shards
+from moe_vae.errors import MoeVaeError
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -42,19 +53,56 @@ def _complete(mpath: Path) -> str | None:
         return None
 
 
-def ensure_mnist_shards(cfg: DataConfig, progress: bool = True) -> tuple[str, str]:
-    """(train, test) shard patterns of MNIST in the cache, written on first use."""
+def mnist_cache_dir(cfg: DataConfig) -> Path:
+    """Where this config's MNIST shards live: named by how they are written and by the IDX
+    files they are written from, so a data.root holding other IDX data (Fashion-MNIST, a
+    modified copy) never trains from shards cached for another dataset.
+
+    The official files keep the plain name `mnist-<record>-<samples_per_shard>` wherever they
+    come from (embedded, a directory, a download); other files add a digest of their md5s.
+    """
     out = cache_root(cfg) / "shards" / f"mnist-{cfg.record}-{cfg.samples_per_shard}"
-    if cfg.source == "dir":
-        mnist_root(cfg)  # a wrong data.root is an error even when the cache could serve
+    if cfg.source == "download" and cfg.verify_md5:
+        # Only the official files get past download's md5 check (and read_idx's when the shards
+        # are written): no need to read them here, so a complete cache still serves offline.
+        return out
+    md5 = {name: file_digest(path, "md5") for name, path in idx_files(mnist_root(cfg)).items()}
+    if md5 == MNIST_FILES:
+        return out
+    tag = hashlib.sha256(json.dumps(sorted(md5.items())).encode()).hexdigest()[:16]
+    return out.with_name(f"{out.name}-{tag}")
+
+
+@contextmanager
+def _writer_lock(out: Path) -> Iterator[None]:
+    """One writer at a time per cache directory: every local rank of a node whose cache is
+    node-local gets here at once; the others wait, then find the shards complete."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("a") as f:
+        # A file system without locks (some network mounts) refuses: the writers then race,
+        # which write_shards makes safe (per-process temporary names, atomic renames,
+        # byte-identical shards), only wasteful.
+        with suppress(OSError):
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def ensure_mnist_shards(cfg: DataConfig, progress: bool = True) -> tuple[str, str]:
+    """(train, test) shard patterns of MNIST in the cache, written on first use. Safe to call
+    from several processes at once (they share one writer)."""
+    out = mnist_cache_dir(cfg)
     patterns = []
     for split in ("train", "test"):
         pattern = _complete(manifest_path(out, split))
         if pattern is None:
-            source = mnist_source(mnist_root(cfg), split, cfg.verify_md5)
-            opts = WriteOptions(samples_per_shard=cfg.samples_per_shard, record=cfg.record)
-            manifest = write_shards(source, out, split, opts, progress)
-            pattern = str(out / manifest["pattern"])
+            with _writer_lock(out):
+                # Checked again under the lock: another process may have just written it.
+                pattern = _complete(manifest_path(out, split))
+                if pattern is None:
+                    source = mnist_source(mnist_root(cfg), split, cfg.verify_md5)
+                    opts = WriteOptions(samples_per_shard=cfg.samples_per_shard, record=cfg.record)
+                    manifest = write_shards(source, out, split, opts, progress)
+                    pattern = str(out / manifest["pattern"])
         patterns.append(pattern)
     return patterns[0], patterns[1]
 
@@ -102,8 +150,20 @@ def build_data(
     shards = resolve(train_spec)
     image_shape = preflight(shards)
     use_memory = cfg.loader == "memory" or (
-        cfg.loader == "auto" and fits_in_memory(shards, image_shape, cfg.memory_limit_mb)
+        cfg.loader == "auto"
+        and fits_in_memory(shards, image_shape, cfg.memory_limit_mb, cfg.train_limit)
     )
+    if cfg.train_limit and not use_memory:
+        # The streaming loader reads every shard: it has no limit to honour.
+        n = memory_samples(shards, cfg.train_limit)
+        size_mb = (n or 0) * math.prod(image_shape) / 2**20
+        raise MoeVaeError(
+            f"data.train_limit={cfg.train_limit} needs the in-memory loader, but "
+            f"data.loader=auto streams these shards: {n} samples of {list(image_shape)} take "
+            f"{size_mb:.1f} MiB, more than data.memory_limit_mb={cfg.memory_limit_mb}; raise "
+            f"data.memory_limit_mb, set data.loader=memory, or lower data.train_limit "
+            f"(null streams all the data)"
+        )
     skipped: Counter[str] = Counter()
     train: InMemoryLoader | StreamingLoader
     if use_memory:

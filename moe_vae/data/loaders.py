@@ -1,8 +1,9 @@
 """Batch loaders behind one interface: streamed from shards, or held in (GPU) memory.
 
 Both give every rank the same number of full batches per epoch (no rank runs out early and
-hangs a collective), never the same sample twice in an epoch, deterministic for a given
-(seed, world size, workers), and a position (epoch, batches consumed) to resume from exactly.
+hangs a collective), deterministic for a given (seed, world size, workers), and a position
+(epoch, batches consumed) to resume from exactly. No sample comes twice in an epoch, except with
+data.resampled, where every rank and worker draws shards with replacement.
 """
 
 from __future__ import annotations
@@ -34,12 +35,17 @@ class BadDataError(MoeVaeError):
 
 
 class BadSampleReport:
-    """Skipped samples by reason, against samples used, with the configured ceiling."""
+    """Skipped samples by reason, against samples used, with the configured ceiling. A
+    streaming loader keeps one per epoch (reset when the epoch starts), so the ceiling holds
+    for every epoch on its own, and `counts` are the epoch's."""
 
     MIN_SEEN = 10_000  # mid-epoch checks wait for this many samples; epoch ends always check
 
     def __init__(self, max_fraction: float) -> None:
         self.max_fraction = max_fraction
+        self.reset()
+
+    def reset(self) -> None:
         self.counts: Counter[str] = Counter()
         self.good = 0
 
@@ -193,7 +199,14 @@ class StreamingLoader:
         return min(per_rank)
 
     def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
-        """The epoch's batches after the first `skip` (read and dropped: exact, not free)."""
+        """The epoch's batches after the first `skip` (read and dropped: exact, not free).
+
+        `report` counts from the epoch's start, the skipped batches included (their bad samples
+        are in the workers' counts too): a resumed epoch is held to the same ceiling, and logs
+        the same counts, as the uninterrupted one.
+        """
+        # Reset here, not at the end: a generator the trainer leaves early never reaches its end.
+        self.report.reset()
         self.dataset.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -233,9 +246,8 @@ class StreamingLoader:
             self.report.counts["short_epoch_steps"] += steps - done
 
     def _update_counts(self, latest: dict[int, dict[str, int]]) -> None:
-        self.report.counts = Counter(
-            {k: v for k, v in self.report.counts.items() if k == "short_epoch_steps"}
-        )
+        # Each worker's counts are cumulative over the epoch: the latest of each, summed.
+        self.report.counts = Counter()
         for counts in latest.values():
             self.report.counts.update(counts)
 
@@ -268,8 +280,22 @@ def load_in_memory(
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), keys, counter.counts
 
 
-def fits_in_memory(shards: ShardSet, image_shape: tuple[int, int, int], limit_mb: int) -> bool:
+def memory_samples(shards: ShardSet, sample_limit: int | None = None) -> int | None:
+    """How many samples load_in_memory would hold: all, or only the first `sample_limit` (then
+    known even for shards of unknown size)."""
     n = shards.num_samples
+    if sample_limit is None:
+        return n
+    return sample_limit if n is None else min(n, sample_limit)
+
+
+def fits_in_memory(
+    shards: ShardSet,
+    image_shape: tuple[int, int, int],
+    limit_mb: int,
+    sample_limit: int | None = None,
+) -> bool:
+    n = memory_samples(shards, sample_limit)
     return n is not None and n * math.prod(image_shape) <= limit_mb * 2**20
 
 

@@ -95,6 +95,11 @@ def _find(root: Path, name: str) -> Path:
     raise DataError(f"MNIST file {name!r} not found in {str(root)!r} (expected {name} or raw IDX)")
 
 
+def idx_files(root: Path) -> dict[str, Path]:
+    """The four IDX files in `root`, by their official .gz name (each may be stored raw)."""
+    return {name: _find(root, name) for name in MNIST_FILES}
+
+
 def download(root: Path, mirrors: list[str], verify_md5: bool = True) -> None:
     """Fetch any missing MNIST file into `root`, trying each mirror; md5-checked before use."""
     root.mkdir(parents=True, exist_ok=True)

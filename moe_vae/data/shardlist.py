@@ -75,11 +75,23 @@ def count_samples(url: str) -> int:
     records = wds.tarfile_samples([{"url": url}], handler=counter)
     n = 0
     for record in records:
-        if "keys.json" in record:
-            n += len(json.loads(record["keys.json"]))
-        else:
-            n += 1
+        n += _batched_size(url, record) if "keys.json" in record else 1
     return n
+
+
+def _batched_size(url: str, record: dict[str, Any]) -> int:
+    """Samples in a batched record, from its key list: without a readable list the shard's size
+    (and so the epoch's plan) is unknown."""
+    try:
+        keys = json.loads(record["keys.json"])  # a ValueError too when not UTF-8
+        if not isinstance(keys, list):
+            raise ValueError(f"it holds a {type(keys).__name__}")
+    except ValueError as err:
+        raise ShardError(
+            f"shard {url!r}: record {record.get('__key__')!r} has a corrupt keys.json ({err}): "
+            f"expected a JSON list of the record's sample keys; rewrite the shard"
+        ) from None
+    return len(keys)
 
 
 def resolve(spec: str | list[str], count: bool = True) -> ShardSet:

@@ -6,9 +6,12 @@ Each source yields `RawSample`s: a unique key, a uint8 image [H, W] or [H, W, C]
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +70,7 @@ def array_source(path: Path, prefix: str = "") -> Source:
         raise DataError(f"array file {str(path)!r} not found")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(f"array file {str(path)!r} is not a readable .npy/.npz: {err}") from None
     if isinstance(loaded, np.ndarray):
         return from_arrays(loaded, None, prefix)
@@ -79,13 +82,39 @@ def array_source(path: Path, prefix: str = "") -> Source:
                 f"{str(path)!r} has arrays {sorted(names)}: expected one named 'images' (or 'x')"
             )
         lab_name = next((n for n in ("labels", "y", "Y") if n in names), None)
-        return from_arrays(loaded[img_name], loaded[lab_name] if lab_name else None, prefix)
+        images = _npz_member(loaded, img_name, path)
+        labels = _npz_member(loaded, lab_name, path) if lab_name else None
+        return from_arrays(images, labels, prefix)
+
+
+def _npz_member(npz: Any, name: str, path: Path) -> np.ndarray:
+    """One array of an .npz: its members are only read (and can only fail) when accessed."""
+    try:
+        return np.asarray(npz[name])
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(
+            f"array {name!r} in {str(path)!r} cannot be read: {err} (expected a plain numeric "
+            f"array, uint8 images or integer labels; object arrays are refused because reading "
+            f"them would run pickled code)"
+        ) from None
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im)
+    # UnidentifiedImageError and truncated files are OSErrors; a decompression bomb (an image
+    # too large to be real) is bad input too.
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(
+            f"image {str(path)!r} cannot be decoded: {err} (expected a PNG or JPEG file)"
+        ) from None
 
 
 def image_folder_source(root: Path, prefix: str = "") -> Source:
     """PNG/JPEG files under `root`; with class sub-folders, the sorted folder index is the label."""
-    from PIL import Image
-
     if not root.is_dir():
         raise DataError(f"image folder {str(root)!r} is not a directory")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -102,16 +131,11 @@ def image_folder_source(root: Path, prefix: str = "") -> Source:
         ]
     if not files:
         raise DataError(f"image folder {str(root)!r} holds no .png/.jpg/.jpeg files")
-    with Image.open(files[0][0]) as first:
-        shape = np.asarray(first).shape
+    shape = _read_image(files[0][0]).shape  # every later image is held to the first's
 
     def gen() -> Iterator[RawSample]:
         for i, (path, label) in enumerate(files):
-            try:
-                with Image.open(path) as im:
-                    image = np.asarray(im)
-            except OSError as err:
-                raise DataError(f"image {str(path)!r} cannot be decoded: {err}") from None
+            image = _read_image(path)
             if image.shape != shape or image.dtype != np.uint8:
                 raise DataError(
                     f"image {str(path)!r} is {image.shape} {image.dtype}, expected {shape} uint8 "

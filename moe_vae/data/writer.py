@@ -2,14 +2,17 @@
 
 Files: `<name>-000000.tar`, `<name>-000001.tar`, ... and `<name>.manifest.json` (record kind,
 image shape, dtype, per-shard sample counts and sha256, the brace pattern of the shard list).
-Each shard is written under a temporary name and renamed when complete; the manifest is written
-last, so a directory with a manifest holds a complete, checked set of shards. Tar headers carry a
+Each shard is written under a temporary name of its own (unique per process, so concurrent writers
+of one directory cannot mix their bytes) and renamed when complete; the manifest is written last,
+so a directory with a manifest holds a complete, checked set of shards. Tar headers carry a
 fixed mtime, so the same input always gives byte-identical shards.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,21 +46,35 @@ def manifest_path(out_dir: Path, name: str) -> Path:
     return out_dir / f"{name}.manifest.json"
 
 
-def _write_shard(path: Path, samples: list[RawSample], opts: WriteOptions) -> None:
+def _temp_beside(path: Path) -> Path:
+    """A temporary name beside `path`, unique to this process and call: concurrent writers of
+    one directory (ranks filling a node-local cache) never write into each other's file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _write_shard(path: Path, samples: list[RawSample], opts: WriteOptions) -> str:
+    """Writes one shard atomically; returns its sha256 (of the bytes written here)."""
     import webdataset as wds
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        writer = wds.TarWriter(f, encoder=False, mtime=0.0)
-        if opts.record == "sample":
-            for s in samples:
-                writer.write(encode_sample(s))
-        else:
-            for start in range(0, len(samples), opts.record_size):
-                chunk = samples[start : start + opts.record_size]
-                writer.write(encode_batch(chunk, f"{path.stem}r{start // opts.record_size:05d}"))
-        writer.close()
-    tmp.replace(path)
+    tmp = _temp_beside(path)
+    try:
+        with tmp.open("xb") as f:
+            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+            if opts.record == "sample":
+                for s in samples:
+                    writer.write(encode_sample(s))
+            else:
+                for start in range(0, len(samples), opts.record_size):
+                    chunk = samples[start : start + opts.record_size]
+                    key = f"{path.stem}r{start // opts.record_size:05d}"
+                    writer.write(encode_batch(chunk, key))
+            writer.close()
+        digest = file_digest(tmp, "sha256")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return digest
 
 
 def write_shards(
@@ -74,10 +91,8 @@ def write_shards(
 
     def flush() -> None:
         path = out_dir / f"{name}-{len(shards):06d}.tar"
-        _write_shard(path, pending, opts)
-        shards.append(
-            {"file": path.name, "samples": len(pending), "sha256": file_digest(path, "sha256")}
-        )
+        sha256 = _write_shard(path, pending, opts)
+        shards.append({"file": path.name, "samples": len(pending), "sha256": sha256})
         pending.clear()
 
     bar = tqdm(total=source.num_samples, unit="img", desc=f"writing {name}", disable=not progress)
@@ -108,7 +123,13 @@ def write_shards(
         "pattern": f"{name}-{{000000..{len(shards) - 1:06d}}}.tar",
         "shards": shards,
     }
-    tmp = out_dir / f".{name}.manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(manifest_path(out_dir, name))
+    target = manifest_path(out_dir, name)
+    tmp = _temp_beside(target)
+    try:
+        with tmp.open("x") as f:
+            f.write(json.dumps(manifest, indent=1))
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return manifest

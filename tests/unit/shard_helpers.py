@@ -22,9 +22,10 @@ def write_tiny(
     record: str = "batched",
     record_size: int = 16,
     name: str = "train",
+    shape: tuple[int, int] = (6, 5),
 ) -> tuple[str, np.ndarray, np.ndarray]:
     """n samples in n / per_shard shards; returns (brace pattern, images, labels)."""
-    images, labels = tiny_arrays(n)
+    images, labels = tiny_arrays(n, shape)
     manifest = write_shards(
         from_arrays(images, labels, f"{name}-"),
         out,

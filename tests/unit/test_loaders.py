@@ -170,3 +170,74 @@ def test_resampled_stream_runs_the_planned_steps(tmp_path):
     loader = _stream(shards, resampled=True, epoch_steps=23)
     assert len(_keys(loader, 0)) == 230
     assert _keys(loader, 0) == _keys(_stream(shards, resampled=True, epoch_steps=23), 0)
+
+
+def _spoil_last_shard(pattern: str, bad: int) -> None:
+    """Rewrites the last of write_tiny's 50-sample shards: 50 - bad good samples, then `bad`
+    float32 images (skipped as wrong_dtype). Its manifest still promises 50 samples."""
+    path = resolve(pattern).urls[-1]
+    rng = np.random.default_rng(5)
+    with tarfile.open(path, "w") as tar:
+        for i in range(50 - bad):
+            _add(tar, f"s{i:03d}.npy", npy_bytes(rng.integers(0, 256, (6, 5), dtype=np.uint8)))
+        for i in range(bad):
+            _add(tar, f"b{i:03d}.npy", npy_bytes(np.zeros((6, 5), np.float32)))
+
+
+def test_bad_sample_ceiling_holds_for_each_epoch(tmp_path):
+    """Data that goes bad in a later epoch is measured against that epoch, not diluted by the
+    good samples of the epochs before it."""
+    pattern, _, _ = write_tiny(tmp_path, n=200, per_shard=50)
+    loader = _stream(resolve(pattern), workers=0, max_bad_fraction=0.07)
+    assert len(_keys(loader, 0)) == 200 and loader.report.bad == 0
+    _spoil_last_shard(pattern, bad=20)  # epoch 1: 20 bad of 200 = 10%, over the 7% ceiling
+    with pytest.raises(BadDataError, match=r"20 of 200 samples were bad \(wrong_dtype 20\)"):
+        _keys(loader, 1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_sample_counts_are_per_epoch(tmp_path, workers):
+    """loader.report.counts (logged as each epoch's data/bad/*) are the epoch's own counts, a
+    resumed epoch's included."""
+    pattern, _, _ = write_tiny(tmp_path, n=200, per_shard=50)
+    _spoil_last_shard(pattern, bad=20)  # 180 good samples for 20 planned steps: 2 steps short
+    loader = _stream(resolve(pattern), workers=workers, max_bad_fraction=1.0)
+    epoch_counts = {"wrong_dtype": 20, "short_epoch_steps": 2}
+    for epoch in (0, 1, 2):
+        assert len(_keys(loader, epoch)) == 180
+        assert loader.report.counts == epoch_counts
+        assert loader.report.good == 180
+    assert len(_keys(loader, 3, skip=5)) == 130
+    assert loader.report.counts == epoch_counts and loader.report.good == 180
+
+
+def test_train_limit_counts_against_the_memory_limit_or_is_refused(tmp_path):
+    """data.loader=auto holds the first data.train_limit samples in memory when they fit, even
+    when all the data would not; when they do not fit either, one error, not an ignored limit."""
+    from moe_vae.config.schema import DataConfig
+    from moe_vae.data.build import build_data
+    from moe_vae.data.loaders import fits_in_memory
+    from moe_vae.data.shardlist import ShardSet
+    from moe_vae.errors import MoeVaeError
+
+    # 300 images of 64 x 64: 1.17 MiB in all, over a 1 MiB limit; 100 of them fit.
+    pattern, images, _ = write_tiny(tmp_path, n=300, per_shard=100, shape=(64, 64))
+
+    def data(**kw):
+        cfg = DataConfig(name="shards", train_shards=pattern, memory_limit_mb=1, **kw)
+        return build_data(cfg, batch_size=10, seed=0, device=torch.device("cpu"), progress=False)
+
+    assert isinstance(data().train, StreamingLoader)
+    limited = data(train_limit=100).train
+    assert isinstance(limited, InMemoryLoader) and len(limited.images) == 100
+    assert torch.equal(limited.images[:, 0], torch.from_numpy(images[:100]))
+    with pytest.raises(
+        MoeVaeError,
+        match=r"data\.train_limit=290 needs the in-memory loader, but data\.loader=auto streams "
+        r"these shards: 290 samples .*data\.memory_limit_mb=1",
+    ):
+        data(train_limit=290)
+    # Shards of unknown size: the limit alone bounds what is held.
+    unknown = ShardSet(["remote-shard.tar"], None, None)
+    assert not fits_in_memory(unknown, (1, 64, 64), 1)
+    assert fits_in_memory(unknown, (1, 64, 64), 1, sample_limit=100)

@@ -139,3 +139,134 @@ def test_download_with_only_bad_mirrors_fails_and_leaves_nothing(tmp_path, mirro
     with pytest.raises(DataError, match=r"could not download train-images-idx3-ubyte.gz: .*md5"):
         load_mnist(cfg)
     assert list(root.iterdir()) == []
+
+
+# The shard cache: keyed by the IDX files' content, safe to fill from several processes at once.
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    magic = 2051 if array.ndim == 3 else 2049
+    header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _idx_dir(root: Path, seed: int, n_train: int = 60, n_test: int = 20) -> dict[str, np.ndarray]:
+    """Four small IDX files (not MNIST) under MNIST's names; returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        arrays[f"{prefix}-images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{prefix}-labels"] = rng.integers(0, 10, n, dtype=np.uint8)
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", arrays[f"{prefix}-images"])
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", arrays[f"{prefix}-labels"])
+    return arrays
+
+
+def _read_back(pattern: str) -> tuple[np.ndarray, np.ndarray]:
+    from moe_vae.data.loaders import load_in_memory
+    from moe_vae.data.shardlist import resolve
+
+    images, labels, _, _ = load_in_memory(resolve(pattern), None, None, 0.0)
+    return images.numpy()[:, 0], labels.numpy()
+
+
+def test_shard_cache_is_keyed_by_the_idx_files_content(tmp_path):
+    from moe_vae.data.build import ensure_mnist_shards
+
+    def cfg(root: Path) -> DataConfig:
+        return DataConfig(
+            source="dir", root=str(root), verify_md5=False, cache_dir=str(tmp_path / "cache")
+        )
+
+    a, b = _idx_dir(tmp_path / "a", seed=1), _idx_dir(tmp_path / "b", seed=2)
+    train_a, test_a = ensure_mnist_shards(cfg(tmp_path / "a"), progress=False)
+    train_b, test_b = ensure_mnist_shards(cfg(tmp_path / "b"), progress=False)
+    assert train_a != train_b and test_a != test_b
+    for arrays, train, test in ((a, train_a, test_a), (b, train_b, test_b)):
+        images, labels = _read_back(train)
+        assert np.array_equal(images, arrays["train-images"])
+        assert np.array_equal(labels, arrays["train-labels"])
+        assert np.array_equal(_read_back(test)[0], arrays["t10k-images"])
+    # Other bytes under the same root (the dataset replaced in place) get shards of their own.
+    c = _idx_dir(tmp_path / "a", seed=3)
+    train_c, _ = ensure_mnist_shards(cfg(tmp_path / "a"), progress=False)
+    assert train_c != train_a
+    assert np.array_equal(_read_back(train_c)[0], c["train-images"])
+
+
+def test_official_files_keep_the_stable_cache_name(tmp_path):
+    """The embedded copy, and the same files anywhere else, share the cache under its old name."""
+    from moe_vae.data.build import mnist_cache_dir
+
+    for name in MNIST_FILES:
+        shutil.copy(EMBEDDED_DIR / name, tmp_path / name)
+    stable = mnist_cache_dir(DataConfig()).name
+    assert stable == "mnist-batched-10000"
+    assert mnist_cache_dir(DataConfig(source="dir", root=str(tmp_path))).name == stable
+    assert mnist_cache_dir(DataConfig(record="sample")).name == "mnist-sample-10000"
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(10_000, np.uint8))
+    other = mnist_cache_dir(DataConfig(source="dir", root=str(tmp_path), verify_md5=False))
+    assert other.name.startswith("mnist-batched-10000-") and other.name != stable
+
+
+def _fill_cache(cfg: DataConfig, barrier, results, no_locks: bool) -> None:
+    """One of several processes filling one empty shard cache at the same moment."""
+    import traceback
+
+    try:
+        if no_locks:  # a file system that refuses locks: the writers then really race
+            import fcntl
+
+            def refuse(*args, **kwargs):
+                raise OSError(37, "No locks available")
+
+            fcntl.flock = refuse
+        from moe_vae.data.build import ensure_mnist_shards
+
+        barrier.wait()
+        results.put(("ok", ensure_mnist_shards(cfg, progress=False)))
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+
+
+@pytest.mark.parametrize("no_locks", [False, True])
+def test_concurrent_writers_of_one_cache_all_succeed(tmp_path, no_locks):
+    """The local ranks of a node with a node-local cache all call ensure_mnist_shards at once."""
+    import multiprocessing as mp
+
+    from moe_vae.data.build import _complete
+    from moe_vae.data.writer import manifest_path
+
+    arrays = _idx_dir(tmp_path / "idx", seed=4, n_train=3000, n_test=300)
+    cfg = DataConfig(
+        source="dir",
+        root=str(tmp_path / "idx"),
+        verify_md5=False,
+        cache_dir=str(tmp_path / "cache"),
+        samples_per_shard=10,  # many small shards: many chances for the writers to collide
+    )
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [
+        ctx.Process(target=_fill_cache, args=(cfg, barrier, results, no_locks)) for _ in range(3)
+    ]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    errors = [detail for status, detail in got if status != "ok"]
+    assert not errors, errors[0]
+    assert len({tuple(patterns) for _, patterns in got}) == 1
+    train, test = got[0][1]
+    out = Path(train).parent
+    for split in ("train", "test"):
+        assert _complete(manifest_path(out, split)) is not None  # every shard matches its sha256
+    images, labels = _read_back(train)
+    assert np.array_equal(images, arrays["train-images"])
+    assert np.array_equal(labels, arrays["train-labels"])
+    assert np.array_equal(_read_back(test)[0], arrays["t10k-images"])
+    assert not list(out.glob("*.tmp")), "temporary files left behind"

@@ -15,6 +15,7 @@ from PIL import Image
 from shard_helpers import key_index, tiny_arrays, write_tiny
 
 from moe_vae.data.loaders import load_in_memory
+from moe_vae.data.mnist import DataError
 from moe_vae.data.shardlist import ShardError, expand, preflight, resolve
 from moe_vae.data.sources import array_source, image_folder_source, mnist_source
 from moe_vae.data.writer import WriteOptions, write_shards
@@ -153,3 +154,35 @@ def test_http_and_pipe_urls(http_root):
         assert shards.counts is None  # remote: size unknown without resampling
         got, _, _, _ = load_in_memory(shards, (1, 6, 5), None, 0.0)
         assert np.array_equal(got.numpy()[:, 0], images)
+
+
+def test_undecodable_first_image_of_a_folder_is_one_error(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"image '.*0\.png' cannot be decoded: .*expected a PNG"):
+        image_folder_source(tmp_path / "img")
+
+
+def test_unreadable_npz_is_one_error(tmp_path):
+    np.savez(tmp_path / "obj.npz", images=np.array([np.zeros(2), None], dtype=object))
+    with pytest.raises(
+        DataError,
+        match=r"array 'images' in '.*obj\.npz' cannot be read: .*expected a plain numeric array",
+    ):
+        array_source(tmp_path / "obj.npz")  # an object array: reading it would unpickle
+    (tmp_path / "zip.npz").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(DataError, match=r"array file '.*zip\.npz' is not a readable \.npy/\.npz"):
+        array_source(tmp_path / "zip.npz")
+
+
+@pytest.mark.parametrize("keys", [b"[not json", b'{"a": 1}', b"\xff\xfe"])
+def test_corrupt_key_list_while_counting_is_one_error(tmp_path, keys):
+    """A batched shard without a manifest is counted by reading its key lists."""
+    path = tmp_path / "s.tar"
+    with wds.TarWriter(str(path), encoder=False) as writer:
+        writer.write({"__key__": "r0", "images.npy": b"", "keys.json": keys})
+    with pytest.raises(
+        ShardError,
+        match=r"shard '.*s\.tar': record 'r0' has a corrupt keys\.json .*expected a JSON list",
+    ):
+        resolve(str(path))
