@@ -258,6 +258,11 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     write.add_argument(
         "--mnist-dir", type=Path, help="MNIST IDX files (default: the embedded copy)"
     )
+    write.add_argument(
+        "--no-verify-md5",
+        action="store_true",
+        help="MNIST: accept IDX files that are not the official ones (a modified copy)",
+    )
     write.add_argument("--split", choices=["train", "test"], default="train", help="MNIST split")
     write.add_argument("--out", type=Path, required=True, help="output directory")
     write.add_argument("--name", help="shard name prefix (default: the split, or the input's stem)")
@@ -283,7 +288,7 @@ def _data_write(args: argparse.Namespace) -> int:
     from moe_vae.data.writer import WriteOptions, write_shards
 
     if args.source == "mnist":
-        source = mnist_source(args.mnist_dir or EMBEDDED_DIR, args.split)
+        source = mnist_source(args.mnist_dir or EMBEDDED_DIR, args.split, not args.no_verify_md5)
         name = args.name or args.split
     else:
         if args.input is None:

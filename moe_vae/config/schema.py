@@ -185,10 +185,10 @@ class OptimConfig(Section):
 
 class TrainConfig(Section):
     epochs: PositiveInt = 100
+    # Global batch: split evenly over data-parallel ranks.
     batch_size: PositiveInt = 100
     seed: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Global batch: split evenly over data-parallel ranks.
     # One process (plain engine): bf16 = autocast (bf16 matmuls, fp32 weights and loss sums),
     # on CPU too; fp16 is not offered there. DeepSpeed: its bf16 mode (CPU and GPU; fp32
     # master weights, kept in checkpoints) and fp16 mode (GPU; ZeRO 1/2; loss scaling knobs in
@@ -301,7 +301,7 @@ class EvalConfig(Section):
 
 class OutputConfig(Section):
     dir: str = "runs"
-    # Run directory name under `dir`; null = "<timestamp>".
+    # Run directory name under `dir`; null = "<config file stem>-<timestamp>".
     name: str | None = None
     # Refuse to write into a run directory that already holds outputs, unless true (then its
     # earlier outputs are deleted before the new run starts).

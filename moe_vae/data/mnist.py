@@ -54,7 +54,8 @@ def read_idx(path: str | Path, expected_md5: str | None = None) -> np.ndarray:
     if expected_md5 is not None and (got := file_digest(path, "md5")) != expected_md5:
         raise DataError(
             f"data file {str(path)!r} is corrupt: md5 {got}, expected {expected_md5} "
-            f"(delete it and download again, or set data.verify_md5=false for a modified copy)"
+            f"(delete it and download again; a modified copy on purpose: data.verify_md5=false "
+            f"in training, --no-verify-md5 for moe-vae data write)"
         )
     try:
         if path.suffix == ".gz":

@@ -41,10 +41,19 @@ def load_knobs(path: str | None) -> dict[str, Any]:
         knobs = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise MoeVaeError(f"parallel.deepspeed_config {path!r} not found") from None
+    except (OSError, UnicodeDecodeError) as err:  # a directory, no permission, not text
+        raise MoeVaeError(
+            f"parallel.deepspeed_config {path!r} cannot be read as a JSON file: {err}"
+        ) from None
     except ValueError as err:
         raise MoeVaeError(f"parallel.deepspeed_config {path!r} is not valid JSON: {err}") from None
     if not isinstance(knobs, dict):
         raise MoeVaeError(f"parallel.deepspeed_config {path!r} must hold a JSON object")
+    if not isinstance(knobs.get("zero_optimization", {}), dict):
+        raise MoeVaeError(
+            f"parallel.deepspeed_config {path!r}: zero_optimization must be an object "
+            '(e.g. {"stage": 1})'
+        )
     for section in PRECISION_SECTIONS:
         if not isinstance(knobs.get(section, {}), dict):
             raise MoeVaeError(

@@ -74,3 +74,26 @@ def test_data_write_errors_are_clean(tmp_path):
     )
     assert proc.returncode == 2 and "expected a positive integer, got 0" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_write_from_a_modified_mnist_copy_needs_its_flag(tmp_path):
+    """Other IDX data under MNIST's names fails the md5 check, with a hint this command can
+    follow: --no-verify-md5."""
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        for kind, shape, magic in (("images-idx3", (n, 28, 28), 2051), ("labels-idx1", (n,), 2049)):
+            data = rng.integers(0, 10 if kind.startswith("labels") else 256, shape, np.uint8)
+            with gzip.open(tmp_path / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+                f.write(struct.pack(f">I{len(shape)}I", magic, *shape) + data.tobytes())
+    args = ["data", "write", "--from", "mnist", "--mnist-dir", str(tmp_path), "--no-progress"]
+    proc = run_cli(*args, "--out", str(tmp_path / "a"))
+    assert proc.returncode == 2
+    assert (
+        "is corrupt: md5" in proc.stderr and "--no-verify-md5 for moe-vae data write" in proc.stderr
+    )
+    proc = run_cli(*args, "--out", str(tmp_path / "b"), "--no-verify-md5")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "b" / "train.manifest.json").read_text())["num_samples"] == 30

@@ -38,6 +38,7 @@ def test_shipped_knob_files_hold_engine_knobs_only(repo):
             r"optimizer \(owned by optim\.\*\), bf16\.enabled \(owned by train\.precision\)",
         ),
         ({"fp16": True}, r"fp16 must be an object of engine knobs"),
+        ({"zero_optimization": 1}, r"zero_optimization must be an object"),
         ({"gradient_clipping": 1.0}, r"owned by optim\.grad_clip"),
         ({"zero_optimization": {"stage": 3}}, r"ZeRO stage 3 is not supported"),
     ],
@@ -55,6 +56,8 @@ def test_missing_or_broken_knob_file(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(MoeVaeError, match="not valid JSON"):
         load_knobs(str(tmp_path / "bad.json"))
+    with pytest.raises(MoeVaeError, match="cannot be read as a JSON file"):
+        load_knobs(str(tmp_path))  # a directory
 
 
 def test_precision_sections_are_engine_knobs(tmp_path):
