@@ -77,17 +77,20 @@ def load_knobs(path: str | None) -> dict[str, Any]:
     return knobs
 
 
+def check_batch_split(batch_size: int, world_size: int) -> None:
+    if batch_size % world_size:
+        raise MoeVaeError(
+            f"train.batch_size={batch_size} (global) must divide evenly over {world_size} processes"
+        )
+
+
 def deepspeed_dict(cfg: Config, world_size: int, knobs: dict[str, Any]) -> dict[str, Any]:
     if cfg.train.precision == "bf16-true":
         raise MoeVaeError(
             "train.precision=bf16-true is for one process (the plain engine); under DeepSpeed "
             "use train.precision=bf16 (bf16 compute, fp32 master weights in its optimizer)"
         )
-    if cfg.train.batch_size % world_size:
-        raise MoeVaeError(
-            f"train.batch_size={cfg.train.batch_size} (global) must divide evenly over "
-            f"{world_size} processes"
-        )
+    check_batch_split(cfg.train.batch_size, world_size)
     ds = dict(knobs)
     ds.update(
         train_batch_size=cfg.train.batch_size,

@@ -36,7 +36,7 @@ from moe_vae.evaluate.evaluator import evaluate, to_inputs
 from moe_vae.model.losses import LossTerms, objective
 from moe_vae.model.mixture import MixtureOfVAEs, Routed
 from moe_vae.optim import build_adam, nonfinite_flag
-from moe_vae.parallel.engine import build_engine
+from moe_vae.parallel.engine import build_engine, check_batch_split
 from moe_vae.parallel.loss_scale import (
     absorbs_overflow,
     load_scaler_state,
@@ -124,11 +124,7 @@ class Trainer:
         world, rank = self.par.info.world_size, self.par.info.rank
         self.device = self.par.info.device
         self.quiet = quiet or not self.par.is_main
-        if cfg.train.batch_size % world:
-            raise MoeVaeError(
-                f"train.batch_size={cfg.train.batch_size} (global) must divide evenly over "
-                f"{world} processes"
-            )
+        check_batch_split(cfg.train.batch_size, world)  # before any data is read or written
         if self.par.is_main:
             check_output_dir(cfg.output)
         seed_everything(cfg.train.seed)
