@@ -17,6 +17,7 @@ from torch import nn
 from moe_vae.config.schema import Config
 from moe_vae.errors import MoeVaeError
 from moe_vae.optim import build_adam
+from moe_vae.parallel.loss_scale import keep_running_at_the_floor
 from moe_vae.parallel.sharding import check_checkpointable
 
 # DeepSpeed key -> the key of our config that owns it.
@@ -27,6 +28,7 @@ OWNED_BY_US = {
     "optimizer": "optim.*",
     "scheduler": "optim.*",
     "gradient_clipping": "optim.grad_clip",
+    "bfloat16": "train.precision",  # DeepSpeed's other name for the bf16 section
 }
 # Precision sections: whether one is on belongs to train.precision; their other keys are engine
 # knobs (fp16's loss scaling: initial_scale_power, loss_scale_window, hysteresis, ...).
@@ -135,6 +137,7 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int) -> Any:
     ds = deepspeed_dict(cfg, world_size, load_knobs(cfg.parallel.deepspeed_config))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     check_checkpointable(engine.optimizer)
+    keep_running_at_the_floor(engine.optimizer)
     if engine.zero_optimization_stage() > 0:
         # In fp32, ZeRO 1/2 skips a non-finite gradient only when clipping computes the norm; the
         # overflow check (one all-reduce of a flag) makes the skip unconditional, on every rank.

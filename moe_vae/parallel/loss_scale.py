@@ -50,10 +50,22 @@ def load_scaler_state(optim: Any, state: dict[str, Any] | None) -> None:
 
 
 def absorbs_overflow(optim: Any) -> bool:
-    """Whether an overflowing step now is the scaler's to absorb: fp16, and the scale still
-    above its minimum (at the minimum, a gradient that still overflows is broken: NaN)."""
+    """Whether an overflowing step now is the scaler's to absorb: fp16 with a dynamic scale
+    still above its minimum (at the minimum, a gradient that still overflows is broken)."""
     scaler = scaler_of(optim)
-    if scaler is None:
+    # A static scale (the JSON's fp16.loss_scale) never moves: its overflows are failures.
+    if scaler is None or not (
+        getattr(scaler, "dynamic", False) or getattr(scaler, "dynamic_loss_scale", False)
+    ):
         return False
     floor = getattr(scaler, "min_loss_scale", None) or getattr(scaler, "min_scale", 1.0)
     return bool(scaler.cur_scale > floor)
+
+
+def keep_running_at_the_floor(optim: Any) -> None:
+    """DeepSpeed's dynamic scaler raises a bare Exception when it overflows at its minimum
+    scale. Off: the step is skipped like any non-finite one, so train.max_nonfinite_in_row
+    stops the run with the last good state saved, as in fp32 and bf16."""
+    scaler = scaler_of(optim)
+    if scaler is not None and hasattr(scaler, "raise_error_at_min_scale"):
+        scaler.raise_error_at_min_scale = False

@@ -139,6 +139,11 @@ def check_same_model(path: Path, saved: ModelConfig, wanted: ModelConfig) -> Non
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.parent.name == "rolled-back":
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was set aside by a roll-back: move it back into "
+            f"{str(path.parent.parent)!r} to resume from it"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found (expected a checkpoint.pt file)")
     try:

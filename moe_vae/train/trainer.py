@@ -364,7 +364,7 @@ class Trainer:
                 f"checkpoint {str(path)!r} does not fit this model: {str(err).splitlines()[0]}"
             ) from None
         sync_master_weights(self.optim)
-        if "optim" in ckpt:
+        if ckpt.get("optim"):  # empty in checkpoints of BF16_Optimizer runs before fed88a9
             load_full_optimizer_state(self.model, self.optim, ckpt["optim"])
         elif self.par.is_main:
             warnings.warn(
@@ -374,7 +374,9 @@ class Trainer:
         load_scaler_state(self.optim, ckpt.get("loss_scaler"))
         skipped = ckpt.get("skipped", {})
         self.nonfinite_total = skipped.get("nonfinite", 0)
-        self.nonfinite_in_row = skipped.get("in_row", 0)
+        # A run stopped for max_nonfinite_in_row resumes (after a fix) with a fresh allowance.
+        in_row = skipped.get("in_row", 0)
+        self.nonfinite_in_row = in_row if in_row < self.cfg.train.max_nonfinite_in_row else 0
         self.loss_scale_skips = skipped.get("loss_scale", 0)
         # host_sync=log counts on the device, reconciled against nonfinite_total
         self.skips_dev.copy_(torch.tensor([self.nonfinite_total, self.nonfinite_in_row]))

@@ -171,6 +171,9 @@ def test_roll_back_sets_later_checkpoints_aside(tmp_path, monkeypatch, repo):
     assert kept == ["step-000000005.pt", "step-000000007.pt"]
     assert torch.load(res.run_dir / "checkpoint.pt", weights_only=True)["step"] == 7
     assert load_config(res.run_dir / "config.yaml").train.resume is None
+    set_aside = res.run_dir / "checkpoints" / "rolled-back" / "step-000000015.pt"
+    with pytest.raises(CheckpointError, match=r"set aside by a roll-back: move it back into"):
+        train(_cfg(tmp_path, "r", *common, f"--train.resume={set_aside}"), quiet=True)
 
 
 def test_resume_auto_needs_a_run_name():

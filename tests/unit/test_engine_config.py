@@ -39,6 +39,7 @@ def test_shipped_knob_files_hold_engine_knobs_only(repo):
         ),
         ({"fp16": True}, r"fp16 must be an object of engine knobs"),
         ({"zero_optimization": 1}, r"zero_optimization must be an object"),
+        ({"bfloat16": {"enabled": True}}, r"bfloat16 \(owned by train\.precision\)"),
         ({"gradient_clipping": 1.0}, r"owned by optim\.grad_clip"),
         ({"zero_optimization": {"stage": 3}}, r"ZeRO stage 3 is not supported"),
     ],
@@ -114,3 +115,33 @@ def test_an_optimizer_wrapper_we_cannot_checkpoint_is_refused():
     check_checkpointable(adam)  # torch's own: fine
     with pytest.raises(MoeVaeError, match=r"NewDeepSpeedWrapper.*cannot checkpoint.*knobs"):
         check_checkpointable(NewDeepSpeedWrapper(adam))
+
+
+def test_only_a_dynamic_loss_scale_above_its_floor_absorbs_an_overflow():
+    """DeepSpeed's own scalers on a ZeRO-like fp16 optimizer: a dynamic scale lowers itself
+    (the skip is the scaler's); a static one never moves and a dynamic one at its floor cannot,
+    so those overflows are failed steps (max_nonfinite_in_row stops the run, not DeepSpeed's
+    bare exception at the floor)."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+    from moe_vae.parallel.loss_scale import absorbs_overflow, keep_running_at_the_floor
+
+    dynamic = DynamicLossScaler(
+        init_scale=2.0**16,
+        scale_window=1000,
+        min_scale=1.0,
+        delayed_shift=2,
+        consecutive_hysteresis=False,
+    )
+    optim = SimpleNamespace(dtype=torch.float16, loss_scaler=dynamic)
+    assert absorbs_overflow(optim)
+    dynamic.cur_scale = 1.0
+    assert not absorbs_overflow(optim)
+    keep_running_at_the_floor(optim)
+    assert dynamic.raise_error_at_min_scale is False
+    static = SimpleNamespace(dtype=torch.float16, loss_scaler=LossScaler(scale=1024.0))
+    assert not absorbs_overflow(static)
+    bf16 = SimpleNamespace(dtype=torch.bfloat16, loss_scaler=LossScaler(scale=1.0))
+    assert not absorbs_overflow(bf16)
