@@ -13,6 +13,8 @@ from pathlib import Path
 
 from test_deepspeed import _port
 
+from moe_vae.config import load_config
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.prefix) / "bin"
 
@@ -185,3 +187,46 @@ def test_slurm_script_passes_overrides_as_typed(tmp_path):
     ]
     ignored = int((tmp_path / "ignored").read_text(), 16)
     assert ignored & (1 << (signal.SIGTERM - 1)), "SIGTERM would end the per-node launcher"
+
+
+def test_multi_node_script_resolves_overrides_once_for_every_node(tmp_path):
+    """launch/deepspeed_multi_node.sh with deepspeed stood in for (it records its arguments):
+    the overrides, a brace pattern among them, are resolved by the real moe-vae into one config
+    file (pdsh's remote shell would brace-expand them), launched with no override after it;
+    a bad override fails before anything is launched."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "deepspeed", f'printf "%s\\n" "$@" > "{tmp_path}/argv"')
+    (bin_dir / "moe-vae").symlink_to(Path(sys.prefix) / "bin" / "moe-vae")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=4\nnode-b slots=4\n")
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        MOE_VAE_LAUNCH_DIR=str(tmp_path / "launch"),
+    )
+    env.pop("MASTER_ADDR", None)
+    env.pop("MASTER_PORT", None)
+    shards = "--data.train_shards=data/train-{000000..000005}.tar"
+    script = ["bash", "launch/deepspeed_multi_node.sh", str(hostfile), "configs/tiny.yaml"]
+    run = dict(cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*script, "--data.name=shards", shards, "--model.z_dim=3"], **run)
+    assert proc.returncode == 0, proc.stderr
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv[:6] == [
+        "--hostfile",
+        str(hostfile),
+        "--master_addr",
+        "node-a",
+        "--master_port",
+        "29500",
+    ]
+    assert argv[7:9] == ["train", "--config"] and len(argv) == 10  # no override after it
+    resolved = Path(argv[9])
+    assert resolved.name == "tiny.yaml" and resolved.is_relative_to(tmp_path / "launch")
+    cfg = load_config(resolved)
+    assert cfg.data.train_shards == "data/train-{000000..000005}.tar" and cfg.model.z_dim == 3
+    (tmp_path / "argv").unlink()
+    proc = subprocess.run([*script, "--model.z_dim=none"], **run)
+    assert proc.returncode != 0 and "model.z_dim" in proc.stderr
+    assert not (tmp_path / "argv").exists()
