@@ -10,13 +10,15 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
-from pydantic import ValidationError
 
-from moe_vae.config.load import format_validation_error
 from moe_vae.config.schema import Config
 from moe_vae.model.mixture import MixtureOfVAEs
-from moe_vae.train.checkpoint import CheckpointError, check_same_model, load_checkpoint
+from moe_vae.train.checkpoint import (
+    CheckpointError,
+    check_same_model,
+    load_checkpoint,
+    saved_config,
+)
 
 
 def _resolve(path: Path) -> Path:
@@ -59,10 +61,7 @@ def load_trained(
     With `expect`, its model section must match the checkpoint's (a clear error otherwise)."""
     file = _resolve(Path(path))
     weights, config_yaml, shape = _read(file)
-    try:
-        cfg = Config.model_validate(yaml.safe_load(config_yaml))
-    except ValidationError as err:
-        raise CheckpointError(f"{str(file)!r}: {format_validation_error(err)}") from None
+    cfg = saved_config(file, config_yaml)
     if expect is not None:
         check_same_model(file, cfg.model, expect.model)
     model = MixtureOfVAEs(cfg.model, tuple(shape))  # type: ignore[arg-type]

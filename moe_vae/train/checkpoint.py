@@ -15,8 +15,11 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+import yaml
+from pydantic import ValidationError
 
-from moe_vae.config.schema import ModelConfig
+from moe_vae.config.load import format_validation_error
+from moe_vae.config.schema import Config, ModelConfig
 from moe_vae.errors import MoeVaeError
 
 
@@ -122,6 +125,17 @@ def require_resumable(path: Path, state: dict[str, Any]) -> None:
             f"checkpoint {str(path)!r} cannot resume training: it lacks {', '.join(missing)} "
             "(expected a checkpoint.pt or checkpoints/step-N.pt written by moe-vae train)"
         )
+
+
+def saved_config(path: Path, text: str) -> Config:
+    """The config a checkpoint (or safetensors file) was trained with, validated."""
+    try:
+        return Config.model_validate(yaml.safe_load(text))
+    except ValidationError as err:
+        detail = format_validation_error(err)
+    except yaml.YAMLError as err:
+        detail = str(err)
+    raise CheckpointError(f"checkpoint {str(path)!r} has a broken config: {detail}")
 
 
 def check_same_model(path: Path, saved: ModelConfig, wanted: ModelConfig) -> None:

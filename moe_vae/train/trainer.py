@@ -23,11 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from pydantic import ValidationError
 from tqdm import tqdm
 
-from moe_vae.config.load import config_to_yaml, format_validation_error
+from moe_vae.config.load import config_to_yaml
 from moe_vae.config.schema import Config
 from moe_vae.data.build import build_data, ensure_mnist_shards
 from moe_vae.data.loaders import InMemoryLoader, loader_state
@@ -62,6 +60,7 @@ from moe_vae.train.checkpoint import (
     roll_back_to,
     run_dir_of,
     save_rotating,
+    saved_config,
     set_rng_state,
 )
 from moe_vae.train.labels import LabelPolicy, manager_cross_entropy
@@ -349,14 +348,7 @@ class Trainer:
 
     def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
         require_resumable(path, ckpt)
-        try:
-            saved = Config.model_validate(yaml.safe_load(ckpt["config"]))
-        except (ValidationError, yaml.YAMLError) as err:
-            detail = format_validation_error(err) if isinstance(err, ValidationError) else err
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} has a broken config: {detail}"
-            ) from None
-        check_same_model(path, saved.model, self.cfg.model)
+        check_same_model(path, saved_config(path, ckpt["config"]).model, self.cfg.model)
         try:
             load_full_state_dict(self.model, ckpt["model"])
         except (KeyError, RuntimeError) as err:
