@@ -9,6 +9,7 @@ writers run on rank 0 only, the one with a tracker.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,70 +63,71 @@ def leaf_samples(model: MixtureOfVAEs, par: Parallel, cfg: Config, n: int = 4) -
     return images_END.reshape(shape).cpu().numpy()
 
 
-def save_grid(
-    run_dir: Path,
-    grid_rows: list[np.ndarray],
-    image_shape: tuple[int, int, int],
-    epochs: list[dict[str, Any]],
-) -> Path:
-    """The seed's figure: one shared z decoded by every expert, a row per epoch."""
-    path = run_dir / "expert_grid.png"
-    save_expert_grid(grid_rows, image_shape, path, [str(r["epoch"]) for r in epochs])
-    return path
+@dataclass
+class RunFiles:
+    """Rank 0's writer of the run directory's pictures and final files, each also sent to the
+    tracker. `grid_rows` and `epochs`: the run's so far (a grid row and a record per epoch)."""
 
+    tracker: MultiTracker
+    run_dir: Path
+    cfg: Config
+    image_shape: tuple[int, int, int]
 
-def save_figures(
-    tracker: MultiTracker,
-    run_dir: Path,
-    image_shape: tuple[int, int, int],
-    grid_rows: list[np.ndarray],
-    epochs: list[dict[str, Any]],
-    ev: dict[str, Any],
-    recon: np.ndarray | None,
-    leaves: np.ndarray | None,
-    step: int,
-) -> None:
-    """An evaluation's PNG files in the run directory, also sent to the tracker as images.
-    `epochs[-1]`: the record of the epoch just evaluated."""
-    images = {"samples/expert_grid": save_grid(run_dir, grid_rows, image_shape, epochs)}
-    images["experts/usage"] = run_dir / "expert_usage.png"
-    save_expert_usage(epochs[-1]["experts/importance"], images["experts/usage"])
-    if "confusion" in ev:
-        images["eval/confusion"] = run_dir / "confusion.png"
-        save_confusion(ev["confusion"], images["eval/confusion"])
-    if recon is not None:
-        images["eval/reconstructions"] = run_dir / "reconstructions.png"
-        save_reconstructions(recon, image_shape, images["eval/reconstructions"])
-    if leaves is not None:
-        images["samples/hierarchy"] = run_dir / "hierarchy_samples.png"
-        save_hierarchy_grid(leaves, image_shape, images["samples/hierarchy"])
-    tracker.log_images(images, step)
+    def grid(self, grid_rows: list[np.ndarray], epochs: list[dict[str, Any]]) -> Path:
+        """The seed's figure: one shared z decoded by every expert, a row per epoch."""
+        path = self.run_dir / "expert_grid.png"
+        save_expert_grid(grid_rows, self.image_shape, path, [str(r["epoch"]) for r in epochs])
+        return path
 
+    def figures(
+        self,
+        grid_rows: list[np.ndarray],
+        epochs: list[dict[str, Any]],
+        ev: dict[str, Any],
+        recon: np.ndarray | None,
+        leaves: np.ndarray | None,
+        step: int,
+    ) -> None:
+        """An evaluation's PNG files. `epochs[-1]`: the record of the epoch just evaluated."""
+        images = {"samples/expert_grid": self.grid(grid_rows, epochs)}
+        images["experts/usage"] = self.run_dir / "expert_usage.png"
+        save_expert_usage(epochs[-1]["experts/importance"], images["experts/usage"])
+        if "confusion" in ev:
+            images["eval/confusion"] = self.run_dir / "confusion.png"
+            save_confusion(ev["confusion"], images["eval/confusion"])
+        if recon is not None:
+            images["eval/reconstructions"] = self.run_dir / "reconstructions.png"
+            save_reconstructions(recon, self.image_shape, images["eval/reconstructions"])
+        if leaves is not None:
+            images["samples/hierarchy"] = self.run_dir / "hierarchy_samples.png"
+            save_hierarchy_grid(leaves, self.image_shape, images["samples/hierarchy"])
+        self.tracker.log_images(images, step)
 
-def write_final(
-    tracker: MultiTracker,
-    run_dir: Path,
-    cfg: Config,
-    image_shape: tuple[int, int, int],
-    grid_rows: list[np.ndarray],
-    epochs: list[dict[str, Any]],
-    final_eval: dict[str, Any],
-    weights: dict[str, torch.Tensor],
-    step: int,
-) -> None:
-    """eval.json, the final record and summary, the grid and loss curves, and the weights
-    (with the resolved config in their metadata); the tracker is finished."""
-    (run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
-    tracker.log({"event": "final", **{f"eval/{k}": v for k, v in final_eval.items()}}, step)
-    tracker.summary({f"eval/{k}": v for k, v in final_eval.items()})
-    save_grid(run_dir, grid_rows, image_shape, epochs)
-    save_loss_curves(epochs, run_dir / "loss_curves.png")
-    tracker.finish()
-    save_file(
-        weights,
-        run_dir / "model.safetensors",
-        metadata={"config": config_to_yaml(cfg), "image_shape": json.dumps(list(image_shape))},
-    )
+    def final(
+        self,
+        grid_rows: list[np.ndarray],
+        epochs: list[dict[str, Any]],
+        final_eval: dict[str, Any],
+        weights: dict[str, torch.Tensor],
+        step: int,
+    ) -> None:
+        """eval.json, the final record and summary, the grid and loss curves, and the weights
+        (with the resolved config in their metadata); the tracker is finished."""
+        (self.run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
+        final = {f"eval/{k}": v for k, v in final_eval.items()}
+        self.tracker.log({"event": "final", **final}, step)
+        self.tracker.summary(final)
+        self.grid(grid_rows, epochs)
+        save_loss_curves(epochs, self.run_dir / "loss_curves.png")
+        self.tracker.finish()
+        save_file(
+            weights,
+            self.run_dir / "model.safetensors",
+            metadata={
+                "config": config_to_yaml(self.cfg),
+                "image_shape": json.dumps(list(self.image_shape)),
+            },
+        )
 
 
 def epoch_summary(r: dict[str, Any]) -> str:

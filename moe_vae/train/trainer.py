@@ -65,13 +65,7 @@ from moe_vae.train.checkpoint import (
 )
 from moe_vae.train.labels import LabelPolicy, manager_cross_entropy
 from moe_vae.train.memory import resident_memory_mb
-from moe_vae.train.outputs import (
-    epoch_summary,
-    leaf_samples,
-    reconstructions,
-    save_figures,
-    write_final,
-)
+from moe_vae.train.outputs import RunFiles, epoch_summary, leaf_samples, reconstructions
 from moe_vae.train.revival import collapse_message, pick_pairs, revive
 from moe_vae.train.run_dir import check_output_dir, prepare_run_dir
 from moe_vae.train.step_graph import StepGraph
@@ -265,6 +259,7 @@ class Trainer:
             run_dir = prepare_run_dir(out_cfg, run_name) if self.par.is_main else None
         self.run_dir: Path = self.par.broadcast(run_dir)
         self.tracker: MultiTracker | None = None
+        self.files: RunFiles | None = None  # rank 0's
         if self.par.is_main:  # only the global rank 0 tracks
             # Loadable with --config to run this again: a one-off resume path is not part of it
             # (it would resume that checkpoint into this run); resume=auto, a policy, stays.
@@ -276,6 +271,7 @@ class Trainer:
                 logged["deepspeed"] = self.engine.config
             self.tracker = build_tracker(cfg, self.run_dir, logged, self.tracker_id)
             self.tracker_id = self.tracker.run_id
+            self.files = RunFiles(self.tracker, self.run_dir, cfg, self.image_shape)
 
     def _warm_start(self, ckpt: dict[str, Any] | None) -> ClusterAnchor | None:
         """The pseudo-label anchor (warm_start.method=cluster): clusters from the checkpoint on
@@ -771,17 +767,9 @@ class Trainer:
                     recon = reconstructions(self.model, self.par, first, cfg.train.seed)
                 leaves = leaf_samples(self.model, self.par, cfg)  # likewise
                 self._log(record)
-                if self.tracker is not None:
-                    save_figures(
-                        self.tracker,
-                        self.run_dir,
-                        self.image_shape,
-                        self.grid_rows,
-                        self.epochs,
-                        final_eval,
-                        recon,
-                        leaves,
-                        self.step,
+                if self.files is not None:
+                    self.files.figures(
+                        self.grid_rows, self.epochs, final_eval, recon, leaves, self.step
                     )
             else:
                 self._log(record)
@@ -801,18 +789,8 @@ class Trainer:
     def finish(self, final_eval: dict[str, Any]) -> None:
         """Final metrics, figures and weights (consolidated) into the run directory."""
         weights = full_state_dict(self.model, self.par)  # a collective: every rank takes part
-        if self.tracker is not None:
-            write_final(
-                self.tracker,
-                self.run_dir,
-                self.cfg,
-                self.image_shape,
-                self.grid_rows,
-                self.epochs,
-                final_eval,
-                weights,
-                self.step,
-            )
+        if self.files is not None:
+            self.files.final(self.grid_rows, self.epochs, final_eval, weights, self.step)
 
 
 def train(cfg: Config, run_name: str = "run", quiet: bool = False) -> RunResult:
