@@ -118,7 +118,7 @@ def _on_device_step(optim: Any) -> bool:
     return any(g.get("fused") or g.get("capturable") for g in optim.param_groups)
 
 
-def _local_optimizer_state(optim: Any) -> Callable[[torch.nn.Parameter], dict[str, object]]:
+def local_optimizer_state(optim: Any) -> Callable[[torch.nn.Parameter], dict[str, object]]:
     """Per-parameter state of this rank's parameters (expert shards stay local): plain Adam's own,
     or under ZeRO 1/2 each parameter's moments assembled from the partitions (a collective)."""
     zero = zero_optimizer(optim)
@@ -157,7 +157,7 @@ def full_optimizer_state(
 ) -> dict[str, dict[str, object]]:
     """Per-parameter optimizer state by parameter name, expert shards gathered like the weights,
     so it reloads on any number of ranks and any ZeRO stage (a collective)."""
-    local = _local_optimizer_state(optim)
+    local = local_optimizer_state(optim)
     E_l = model.experts.num_experts
     out: dict[str, dict[str, object]] = {}
     for name, p in model.named_parameters():  # the same order on every rank
@@ -181,11 +181,8 @@ def load_full_optimizer_state(
     (a bf16 DeepSpeed run's) replaces the model's rounded one, so call this after loading the
     weights and `sync_master_weights`."""
     ids = model.expert_ids
-    zero = zero_optimizer(optim)
-    zero_states = _zero_base_state(zero) if zero is not None else []
-    copies = _fp32_copies(optim)
-    inner = optim.optimizer if zero is not None or copies is not None else optim
-    step_on_device = _on_device_step(inner)
+    put = local_optimizer_state_setter(optim)
+    step_on_device = _on_device_step(_inner(optim))
     for name, p in model.named_parameters():
         if name not in full:
             continue
@@ -200,28 +197,50 @@ def load_full_optimizer_state(
             elif torch.is_tensor(value) and step_on_device:
                 value = value.to(p.device)
             entry[key] = value
+        put(p, entry)
+
+
+def local_optimizer_state_setter(
+    optim: Any,
+) -> Callable[[torch.nn.Parameter, dict[str, object]], None]:
+    """The inverse of `local_optimizer_state`: put(p, entry) writes one parameter's state (this
+    rank's shard). An entry's fp32 master weight goes into the model (rounded) and into the
+    optimizer's own master copy; without one that copy is set from the model's weight. Under
+    ZeRO 1/2 every rank must put the same parameters in the same order (a collective)."""
+    zero = zero_optimizer(optim)
+    zero_states = _zero_base_state(zero) if zero is not None else []
+    copies = _fp32_copies(optim)
+
+    def put(p: torch.nn.Parameter, entry: dict[str, object]) -> None:
+        entry = dict(entry)
         master = entry.pop(MASTER_KEY, None)
-        if isinstance(master, torch.Tensor):  # the unrounded weight: into the model (rounded)
-            with torch.no_grad():
+        with torch.no_grad():
+            if isinstance(master, torch.Tensor):  # the unrounded weight: into the model (rounded)
                 p.copy_(master)
-        if copies is not None:
-            # The master copy (without a saved one, sync_master_weights refreshed it from p)
-            # and Adam's state, keyed by the copy.
-            if isinstance(master, torch.Tensor):
-                with torch.no_grad():
-                    copies[id(p)].copy_(master)
-            optim.optimizer.state[copies[id(p)]] = {
-                k: v.float() if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-                for k, v in entry.items()
-            }
-        elif zero is None:
-            optim.state[p] = entry
-        else:
-            if isinstance(master, torch.Tensor):
+            else:
+                master = p.detach().float()
+            if copies is not None:  # Adam's state is keyed by the master copy
+                copies[id(p)].copy_(master)
+                optim.optimizer.state[copies[id(p)]] = {
+                    k: v.float() if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                    for k, v in entry.items()
+                }
+            elif zero is None:
+                optim.state[p] = entry
+            else:
                 from deepspeed.utils import safe_set_full_fp32_param
 
-                safe_set_full_fp32_param(p, master.float())
-            _set_zero_state(zero_states, p, entry)
+                safe_set_full_fp32_param(p, master)
+                _set_zero_state(zero_states, p, entry)
+
+    return put
+
+
+def _inner(optim: Any) -> Any:
+    """The torch optimizer that steps: DeepSpeed's wrappers hold it as `.optimizer`."""
+    if zero_optimizer(optim) is not None or _fp32_copies(optim) is not None:
+        return optim.optimizer
+    return optim
 
 
 def _set_zero_state(

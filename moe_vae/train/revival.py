@@ -17,7 +17,12 @@ from torch import nn
 from moe_vae.model.manager import Manager
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.parallel.setup import Parallel
-from moe_vae.parallel.sharding import EXPERT_PREFIX, sync_master_weights, zero_optimizer
+from moe_vae.parallel.sharding import (
+    EXPERT_PREFIX,
+    MASTER_KEY,
+    local_optimizer_state,
+    local_optimizer_state_setter,
+)
 
 
 def collapse_message(share: list[float], max_share: float) -> str | None:
@@ -49,44 +54,59 @@ def revive(
     seed: int,
 ) -> None:
     """Copy each donor into its dead expert (every rank, the same decisions and perturbation;
-    a collective under expert parallelism). Adam's moments of the revived experts restart
-    from zero where the optimizer state is per parameter (plain Adam, ZeRO 0)."""
+    a collective under expert parallelism and ZeRO). Adam's moments are copied with the weights:
+    zeroed moments under a step count in the thousands would make the revived expert's first
+    updates many times the learning rate. Where DeepSpeed keeps fp32 master weights (bf16/fp16),
+    the copy is made in the masters and only the revived rows change: refreshing every master
+    from the rounded module would round the whole model once per revival."""
     if not pairs:
         return
     gen = torch.Generator().manual_seed(seed)
     ids = model.expert_ids
-    E, E_l = model.num_experts, len(ids)
+    get, put = local_optimizer_state(optim), local_optimizer_state_setter(optim)
     for name, p in model.named_parameters():
         if not name.startswith(EXPERT_PREFIX):
             continue
-        rows = p.data.view(E_l, -1)
-        full = par.gather_experts(rows.clone())  # [E, -1]: donors may live on other ranks
-        for dead, donor in pairs:
-            jitter = torch.randn(full.shape[1], generator=gen).to(full) * noise
-            if ids.start <= dead < ids.stop:
-                scale = full[donor].abs().mean()
-                rows[dead - ids.start] = full[donor] + jitter * scale
-                _reset_moments(optim, p, E_l, dead - ids.start)
-        del full
+        entry = _state_with_master(get, p)
+        for key, value in _rows_of(entry, p).items():
+            rows = value.view(len(ids), -1)
+            full = par.gather_experts(rows.clone())  # [E, -1]: donors may live on other ranks
+            for dead, donor in pairs:
+                if key == MASTER_KEY:  # drawn on every rank: the same stream everywhere
+                    jitter = torch.randn(full.shape[1], generator=gen).to(full) * noise
+                    new = full[donor] + jitter * full[donor].abs().mean()
+                else:
+                    new = full[donor]
+                if ids.start <= dead < ids.stop:
+                    rows[dead - ids.start] = new
+            del full
+        put(p, entry)
     assert isinstance(model.manager, Manager), "revival needs a flat manager (config-checked)"
     last = model.manager.layers[-1]  # logits: a row per expert
     assert isinstance(last, nn.Linear)
-    for dead, donor in pairs:
-        last.weight[dead] = last.weight[donor]
-        last.bias[donor] -= math.log(2.0)
-        last.bias[dead] = last.bias[donor]
-    for param in (last.weight, last.bias):
-        for dead, _ in pairs:
-            _reset_moments(optim, param, E, dead)
-    sync_master_weights(optim)  # ZeRO 1/2: its fp32 copy must follow
+    for kind, logits in last.named_parameters():  # weight and bias
+        entry = _state_with_master(get, logits)
+        for key, value in _rows_of(entry, logits).items():
+            for dead, donor in pairs:
+                if key == MASTER_KEY and kind == "bias":
+                    value[donor] -= math.log(2.0)
+                value[dead] = value[donor]
+        put(logits, entry)
 
 
-def _reset_moments(optim: Any, p: torch.Tensor, rows: int, row: int) -> None:
-    if zero_optimizer(optim) is not None:  # moments live in flat partitions: left as they are
-        return
-    state = optim.state.get(p)
-    if not state:
-        return
-    for value in state.values():
-        if torch.is_tensor(value) and value.shape == p.shape:
-            value.view(rows, -1)[row] = 0
+def _state_with_master(get: Any, p: torch.nn.Parameter) -> dict[str, object]:
+    """p's optimizer state with its fp32 master weight under MASTER_KEY (p itself, as fp32,
+    where the optimizer keeps no copy)."""
+    entry: dict[str, object] = get(p)
+    if not isinstance(entry.get(MASTER_KEY), torch.Tensor):
+        entry[MASTER_KEY] = p.detach().float()
+    return entry
+
+
+def _rows_of(entry: dict[str, object], p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+    """The tensors with a row per expert: the master weight and Adam's moments."""
+    return {
+        key: value
+        for key, value in entry.items()
+        if isinstance(value, torch.Tensor) and value.shape == p.shape
+    }

@@ -244,6 +244,30 @@ def test_bf16_resume_keeps_the_fp32_master_weights(tmp_path, knobs):
         assert torch.equal(resumed[name], w), name
 
 
+@pytest.mark.parametrize(
+    ("precision", "knobs"),
+    [("bf16", "zero0"), ("bf16", "zero1"), ("fp32", "zero2")],
+    ids=["bf16-zero0", "bf16-zero1", "fp32-zero2"],
+)
+def test_revival_edits_only_the_revived_rows(tmp_path, precision, knobs):
+    """Reviving experts on 2 ranks (ep 2, a donor on the other rank) under DeepSpeed: the dead
+    experts' master weights and Adam moments become their donors', the manager's logit rows
+    split, and nothing else changes by a bit; in particular bf16's fp32 masters are not
+    refreshed from the rounded module (which once rounded the whole model at every revival)."""
+    ds_json = tmp_path / "knobs.json"
+    ds_json.write_text(json.dumps(BF16_WRAPPERS.get(knobs, {"zero_optimization": {"stage": 2}})))
+    proc = deepspeed(
+        2,
+        str(HERE / "revival_worker.py"),
+        f"--ds-config={ds_json}",
+        f"--precision={precision}",
+        f"--outdir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] and report["n_failed"] == 0 and report["stepped"]
+
+
 def test_fp16_loss_scaler_finds_its_level_and_resumes_exactly(tmp_path):
     """DeepSpeed's fp16 under ZeRO 1 on 2 CPU ranks (fp16_worker.py: the CPU accelerator made
     to claim fp16). From a loss scale of 2^24 the gradients overflow, and DeepSpeed skips steps

@@ -7,6 +7,7 @@ import math
 import torch
 
 from moe_vae.config import load_config
+from moe_vae.model.losses import objective
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.parallel.dist import DistInfo
 from moe_vae.parallel.setup import Parallel
@@ -27,12 +28,14 @@ def test_dead_experts_are_paired_with_the_busiest():
 
 
 def test_revive_copies_the_donor_and_splits_its_probability():
+    """Weights (perturbed) and Adam's moments of the donor go to the dead expert; the manager
+    gives the pair the donor's old share, split in two."""
     cfg = load_config(None, ["--model.num_experts=4", "--model.z_dim=3"])
     torch.manual_seed(0)
     model = MixtureOfVAEs(cfg.model, (1, 4, 4))
     optim = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(32, 16)
-    model.losses(x, cfg.loss).loss_BE.sum().backward()
+    objective(model.losses(x, cfg.loss), cfg.loss).total.backward()
     optim.step()
     before = model.manager(x).softmax(-1).detach()
     untouched = {k: v.clone() for k, v in model.state_dict().items()}
@@ -54,6 +57,11 @@ def test_revive_copies_the_donor_and_splits_its_probability():
         assert torch.equal(rows[[0, 1, 3]], old[[0, 1, 3]]), name  # only the dead one changes
         gap = (rows[2] - rows[0]).abs().max().item()
         assert 0 < gap <= 0.01 * 6 * old[0].abs().mean().item() + 1e-9, name  # a perturbed copy
-        assert optim.state[p]["exp_avg"].view(4, -1)[2].abs().sum() == 0  # moments restart
-        assert optim.state[p]["exp_avg"].view(4, -1)[0].abs().sum() > 0
+        for key in ("exp_avg", "exp_avg_sq"):  # Adam's moments are the donor's
+            moment = optim.state[p][key].view(4, -1)
+            assert torch.equal(moment[2], moment[0]) and moment[0].abs().sum() > 0, name
+    last = model.manager.layers[-1]
+    for param in (last.weight, last.bias):
+        moment = optim.state[param]["exp_avg_sq"]
+        assert torch.equal(moment[2], moment[0]) and not torch.equal(moment[1], moment[0])
     assert math.isfinite(model.losses(x, cfg.loss).loss_BE.sum().item())
