@@ -392,13 +392,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in USE_EPILOGS:
             return _use(args)
     except MoeVaeError as err:
-        code = getattr(err, "exit_code", 2)
-        if getattr(err, "is_main", True):  # a stopped job: every rank stops, rank 0 says it
-            print(f"moe-vae: error: {err}", file=sys.stderr)
-        if getattr(err, "world_size", 1) > 1:  # left its process group: no teardown (exit_process)
-            from moe_vae.parallel.dist import exit_process
+        from moe_vae.parallel.dist import exit_process, launched_rank, launched_world_size
 
-            exit_process(code)
+        code = getattr(err, "exit_code", 2)
+        # Every rank of a job reads the same config, checkpoint and run directory, so those
+        # errors are raised on every rank alike: rank 0 says it (an error of one rank's own, in
+        # training, is marked is_main by train()).
+        if getattr(err, "is_main", launched_rank() == 0):
+            print(f"moe-vae: error: {err}", file=sys.stderr)
+        if getattr(err, "world_size", launched_world_size()) > 1:
+            exit_process(code)  # maybe in a process group: leave without its teardown
         return code
     parser.error(f"unknown command {args.command!r}")
     return 2

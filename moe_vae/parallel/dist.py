@@ -31,6 +31,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's global rank, from the launcher's environment (0 when run directly)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def check_cuda(device_name: str) -> None:
     """train.device=cuda where no CUDA device is: an error, not a silent CPU run (a job asked for
     GPUs would train for hours on CPUs). `auto` is the one that falls back."""
@@ -61,6 +66,26 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
         dist.barrier()  # every rank has mapped every rank's workspace by now
         release_shm_workspace(dist.get_rank())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+# What a collective raises when a peer process has exited (gloo's TCP transport).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """A collective failed because another rank of the job exited (crashed, or stopped on its
+    own error): this rank's traceback would bury that rank's message."""
+    return any(text in str(err) for text in _PEER_LOST)
+
+
+def said_by_this_rank(err: MoeVaeError, info: DistInfo) -> MoeVaeError:
+    """Mark an error met by this rank alone during training: the command line prints it on this
+    rank (not only rank 0's), named by rank in a job of several, and leaves without teardown."""
+    tag = f"rank {info.rank}"
+    if info.world_size > 1 and not str(err).startswith(tag):
+        err.args = (f"{tag}: {err}",)
+    err.is_main, err.world_size = True, info.world_size  # type: ignore[attr-defined]
+    return err
 
 
 def release_shm_workspace(rank: int) -> None:

@@ -7,8 +7,9 @@ balancing importance, averages for logging, gathering expert shards for figures/
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -17,6 +18,8 @@ from moe_vae.errors import MoeVaeError
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.parallel.dist import DistInfo, check_cuda, init_distributed, launched_world_size
 from moe_vae.parallel.groups import ExpertParallel
+
+T = TypeVar("T")
 
 
 def pick_device(name: str) -> torch.device:
@@ -91,6 +94,24 @@ class Parallel:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """fn() on rank 0 alone (the run directory, its files), its result on every rank. A
+        MoeVaeError it raises is raised on every rank, so none is left waiting in the next
+        collective to die of a closed connection; the command line has rank 0 report it."""
+        if self.info.world_size == 1:
+            return fn()
+        result: Any = None
+        error: MoeVaeError | None = None
+        if self.is_main:
+            try:
+                result = fn()
+            except MoeVaeError as err:
+                error = err
+        failed, value = self.broadcast((True, str(error)) if error else (False, result))
+        if failed:
+            raise error if error is not None else MoeVaeError(value)
+        return value  # type: ignore[no-any-return]
 
     def barrier(self) -> None:
         if self.info.world_size > 1:

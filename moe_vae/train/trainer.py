@@ -34,6 +34,7 @@ from moe_vae.evaluate.evaluator import evaluate, to_inputs
 from moe_vae.model.losses import LossTerms, objective
 from moe_vae.model.mixture import MixtureOfVAEs, Routed
 from moe_vae.optim import build_adam, nonfinite_flag
+from moe_vae.parallel.dist import peer_lost, said_by_this_rank
 from moe_vae.parallel.engine import build_engine, check_batch_split
 from moe_vae.parallel.loss_scale import (
     absorbs_overflow,
@@ -105,6 +106,17 @@ class Stopped(MoeVaeError):
         super().__init__(message)
         self.exit_code = exit_code
         self.is_main, self.world_size = True, 1  # set by train() for the command line
+
+
+def _roll_back(resume: Path) -> None:
+    """Resuming from a kept checkpoint: it becomes the latest, later ones are set aside."""
+    moved = roll_back_to(resume)
+    if moved:
+        warnings.warn(
+            f"rolled back to {resume.name}: the {len(moved)} later checkpoint(s) moved to "
+            f"{moved[0].parent}",
+            stacklevel=2,
+        )
 
 
 class Trainer:
@@ -243,21 +255,13 @@ class Trainer:
         if ckpt is not None and resume is not None:
             # Before touching the run directory: a bad checkpoint writes nothing.
             self._restore(ckpt, resume)
-            run_dir: Path | None = run_dir_of(resume)
-            if self.par.is_main:
-                moved = roll_back_to(resume)
-                if moved:
-                    warnings.warn(
-                        f"rolled back to {resume.name}: the {len(moved)} later checkpoint(s) "
-                        f"moved to {moved[0].parent}",
-                        stacklevel=2,
-                    )
+            self.run_dir: Path = run_dir_of(resume)
+            self.par.on_main(lambda: _roll_back(resume))
         else:
             # resume=auto with nothing to resume: start in that directory (a requeued job).
             overwrite = cfg.output.overwrite or cfg.train.resume == "auto"
             out_cfg = cfg.output.model_copy(update={"overwrite": overwrite})
-            run_dir = prepare_run_dir(out_cfg, run_name) if self.par.is_main else None
-        self.run_dir: Path = self.par.broadcast(run_dir)
+            self.run_dir = self.par.on_main(lambda: prepare_run_dir(out_cfg, run_name))
         self.tracker: MultiTracker | None = None
         self.files: RunFiles | None = None  # rank 0's
         if self.par.is_main:  # only the global rank 0 tracks
@@ -804,5 +808,17 @@ def train(cfg: Config, run_name: str = "run", quiet: bool = False) -> RunResult:
         trainer.par.shutdown()
         stop.is_main, stop.world_size = trainer.par.is_main, trainer.par.info.world_size
         raise
+    except MoeVaeError as err:  # bad input met by one rank (its data): that rank says it
+        if trainer.tracker is not None:
+            trainer.tracker.finish(getattr(err, "exit_code", 2))
+        raise said_by_this_rank(err, trainer.par.info) from None
+    except RuntimeError as err:  # a collective whose peer is gone: its own error says why
+        if trainer.par.info.world_size == 1 or not peer_lost(err):
+            raise
+        if trainer.tracker is not None:
+            trainer.tracker.finish(1)
+        lost = MoeVaeError("another rank of the job stopped; its error, if it had one, is above")
+        lost.exit_code = 1  # type: ignore[attr-defined]
+        raise said_by_this_rank(lost, trainer.par.info) from None
     trainer.par.shutdown()
     return result

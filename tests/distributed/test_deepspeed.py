@@ -361,8 +361,55 @@ def test_a_failing_rank_ends_the_job(tmp_path):
         timeout=300,
     )
     assert proc.returncode != 0
-    assert "data.max_bad_fraction" in proc.stdout + proc.stderr
     assert time.monotonic() - t0 < 240
+    # One line from the rank that met the bad data, one from the rank whose peer went away;
+    # no traceback of a collective that lost its peer.
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("moe-vae: error:")]
+    assert len(errors) == 2, proc.stderr[-3000:]
+    bad_data = [e for e in errors if "data.max_bad_fraction" in e]
+    assert len(bad_data) == 1 and bad_data[0].startswith("moe-vae: error: rank "), errors
+    bad_rank = bad_data[0].split()[3].rstrip(":")
+    other = f"rank {1 - int(bad_rank)}"
+    assert (
+        f"moe-vae: error: {other}: another rank of the job stopped"
+        in errors[1 - errors.index(bad_data[0])]
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case", ["run-dir-taken", "bad-config", "no-checkpoint"], ids=lambda c: c)
+def test_bad_input_of_a_job_is_one_line(tmp_path, case):
+    """Input every rank reads alike (config, resume path) or rank 0 alone handles (the run
+    directory): one line from rank 0, exit 2, no rank left to die in a collective with a
+    traceback, and the existing run untouched."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "metrics.jsonl").write_text("{}\n")
+    extra = {
+        "run-dir-taken": ["--output.name=taken"],
+        "bad-config": ["--train.epochs=0"],
+        "no-checkpoint": [f"--train.resume={tmp_path / 'nope.pt'}"],
+    }[case]
+    proc = deepspeed(
+        2,
+        str(BIN / "moe-vae"),
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        f"--output.dir={tmp_path}",
+        "--track.wandb=disabled",
+        *extra,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("moe-vae: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert {"run-dir-taken": "already holds outputs", "bad-config": "train.epochs"}.get(
+        case, "not found"
+    ) in errors[0]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (taken / "metrics.jsonl").read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
 def _step_losses(run: Path) -> dict[int, float]:
