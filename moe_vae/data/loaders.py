@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -217,6 +218,7 @@ class StreamingLoader:
             # Its own generator: creating the iterator must not draw from the global RNG, or a
             # resumed run's noise would differ from the uninterrupted run's.
             generator=torch.Generator(),
+            worker_init_fn=_leave_signals_to_the_trainer,
         )
         steps = self.steps_in_epoch(epoch)
         latest: dict[int, dict[str, int]] = {}
@@ -250,6 +252,15 @@ class StreamingLoader:
         self.report.counts = Counter()
         for counts in latest.values():
             self.report.counts.update(counts)
+
+
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """A scheduler signals every process of the job (SLURM's --signal, a kill of the process
+    group): a worker that died of it would make the DataLoader raise in the trainer while it
+    writes its pre-emption checkpoint. Workers ignore SIGTERM/SIGINT; the trainer stops them
+    when it is done (and they exit on their own if it dies)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def load_in_memory(

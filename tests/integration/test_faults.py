@@ -36,7 +36,9 @@ ARGS = [
 ]
 
 
-def _start(out: Path, name: str, *extra: str) -> subprocess.Popen:
+def _start(out: Path, name: str, *extra: str, group: bool = False) -> subprocess.Popen:
+    """The CLI in a subprocess (`group`: leading a process group of its own, with its loader
+    workers, for a signal to all of them)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(
         [
@@ -52,6 +54,7 @@ def _start(out: Path, name: str, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=group,
     )
 
 
@@ -105,6 +108,27 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, uninterrupted, 
     resumed = _start(tmp_path, "r", f"--train.resume={ckpt}")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     _same_as(tmp_path / "r", uninterrupted)
+
+
+def test_sigterm_to_every_process_with_streaming_workers_still_checkpoints(tmp_path):
+    """What SLURM's --signal does: SIGTERM to the trainer and its DataLoader workers at once.
+    The workers ignore it (a dead one used to make the DataLoader raise in the middle of the
+    pre-emption checkpoint, leaving only a .tmp file), the trainer checkpoints and exits 143."""
+    proc = _start(
+        tmp_path,
+        "s",
+        "--data.loader=stream",
+        "--data.num_workers=2",
+        "--data.train_limit=null",
+        group=True,
+    )
+    _wait_for_step(tmp_path / "s", 5, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "stopped by SIGTERM at step" in stderr
+    assert torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=True)["step"] >= 5
 
 
 def _nan_at(trainer: Trainer, bad_steps: set[int]) -> None:
