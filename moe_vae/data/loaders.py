@@ -8,6 +8,7 @@ data.resampled, where every rank and worker draws shards with replacement.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import signal
@@ -110,6 +111,16 @@ class InMemoryLoader:
         mine = torch.randperm(len(self.images), generator=gen)[self.rank :: self.world_size]
         return mine[: steps * B].view(steps, B)
 
+    def order(self) -> dict[str, Any]:
+        """What fixes each epoch's global batches (saved with the resume position). The
+        world size is not part of it: ranks deal the same global batches among themselves."""
+        return {
+            "loader": "memory",
+            "seed": self.seed,
+            "global_batch": self.batch_size * self.world_size,
+            "samples": len(self.images),
+        }
+
     def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         for idx in self.epoch_plan(epoch)[skip:]:
             # Keys are looked up by the CPU copy of the indices: no device sync.
@@ -174,6 +185,21 @@ class StreamingLoader:
                 f"the shards do not give every rank one full batch of {batch_size} per epoch: "
                 f"lower train.batch_size or data.num_workers"
             )
+
+    def order(self) -> dict[str, Any]:
+        """What fixes each epoch's batches on every rank (saved with the resume position): the
+        shards are split over ranks and workers, so those counts are part of it."""
+        return {
+            "loader": "stream",
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "shuffle_buffer": self.dataset.spec.shuffle_buffer,
+            "resampled": self.resampled,
+            "epoch_steps": self.epoch_steps,
+            "shards": hashlib.sha256("\n".join(self.shards.urls).encode()).hexdigest()[:16],
+        }
 
     def steps_in_epoch(self, epoch: int) -> int:
         if self.resampled:
@@ -310,6 +336,16 @@ def fits_in_memory(
     return n is not None and n * math.prod(image_shape) <= limit_mb * 2**20
 
 
-def loader_state(epoch: int, batches_done: int) -> dict[str, Any]:
-    """The stream position saved with a checkpoint: resume = epoch_batches(epoch, batches_done)."""
-    return {"epoch": epoch, "batches_done": batches_done}
+def loader_state(epoch: int, batches_done: int, order: dict[str, Any]) -> dict[str, Any]:
+    """The stream position saved with a checkpoint: resume = epoch_batches(epoch, batches_done),
+    exact where the loader's `order()` is the same then."""
+    return {"epoch": epoch, "batches_done": batches_done, "order": order}
+
+
+def order_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between a saved and the current `order()`: `key saved -> now` each."""
+    return [
+        f"{key} {saved.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(set(saved) | set(now))
+        if saved.get(key) != now.get(key)
+    ]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from moe_vae.config.load import config_to_yaml
 from moe_vae.config.schema import Config
 from moe_vae.data.build import build_data, ensure_mnist_shards
-from moe_vae.data.loaders import InMemoryLoader, loader_state
+from moe_vae.data.loaders import InMemoryLoader, loader_state, order_changes
 from moe_vae.errors import MoeVaeError
 from moe_vae.evaluate.evaluator import evaluate, to_inputs
 from moe_vae.model.losses import LossTerms, objective
@@ -315,7 +315,8 @@ class Trainer:
             "world_size": self.par.info.world_size,
             "image_shape": list(self.image_shape),
             "step": self.step,
-            "data": loader_state(self.epoch, self.batches_done),  # epoch and position in it
+            # epoch, position in it, and what fixes its order
+            "data": loader_state(self.epoch, self.batches_done, self.data.train.order()),
             "epoch_sums": self.epoch_sums.cpu(),
             "epoch_steps": self.epoch_steps,
             "epoch_usage": self.epoch_usage_2E.cpu(),
@@ -374,6 +375,7 @@ class Trainer:
         self.skips_dev.copy_(torch.tensor([self.nonfinite_total, self.nonfinite_in_row]))
         self.step, self.epoch = ckpt["step"], ckpt["data"]["epoch"]
         self.batches_done = ckpt["data"]["batches_done"]
+        self._check_data_order(ckpt["data"].get("order"))
         self.epoch_sums = ckpt["epoch_sums"].to(self.device)
         self.epoch_steps = ckpt["epoch_steps"]
         if "epoch_usage" in ckpt:
@@ -388,6 +390,22 @@ class Trainer:
             set_rng_state(per_rank[self.par.info.rank])
         elif same_world:
             set_rng_state(ckpt["rng"])
+
+    def _check_data_order(self, saved: dict[str, Any] | None) -> None:
+        """Resuming mid-epoch skips the batches done; a loader ordered otherwise than when the
+        epoch began (another seed, batch, world size or worker count for streamed shards) would
+        skip other samples. Allowed (a job may move to another world size), and said once."""
+        if not saved or not self.batches_done or not self.par.is_main:
+            return
+        changes = order_changes(saved, self.data.train.order())
+        if changes:
+            warnings.warn(
+                f"epoch {self.epoch} resumes at batch {self.batches_done} with "
+                f"{'; '.join(changes)}: the rest of this epoch does not continue the data order "
+                "it began with (some of its samples may come twice, others not at all); the "
+                "next epochs start afresh",
+                stacklevel=2,
+            )
 
     def _done(self) -> bool:
         return bool(self.cfg.train.max_steps and self.step >= self.cfg.train.max_steps)

@@ -181,3 +181,43 @@ def test_resume_auto_needs_a_run_name():
 
     with pytest.raises(ConfigError, match=r"train\.resume=auto needs output\.name"):
         load_config(None, ["--train.resume=auto"])
+
+
+def test_resume_mid_epoch_with_another_data_order_says_so(tmp_path, monkeypatch, repo):
+    """Stopped at step 5 of 10 in epoch 1 and resumed with another global batch or seed: the
+    skipped batches are not the ones trained, and the warning names what changed; the same
+    config resumes without it."""
+    import warnings
+
+    monkeypatch.chdir(repo)
+    first = train(_cfg(tmp_path, "r", "--train.max_steps=5", "--track.wandb=disabled"), quiet=True)
+    ckpt = first.run_dir / "checkpoint.pt"
+    assert torch.load(ckpt, weights_only=True)["data"]["order"]["global_batch"] == 50
+    with pytest.warns(UserWarning, match=r"global_batch 50 -> 25; seed 0 -> 3: the rest of"):
+        train(
+            _cfg(
+                tmp_path,
+                "r",
+                "--train.max_steps=6",
+                "--train.batch_size=25",
+                "--train.seed=3",
+                f"--train.resume={ckpt}",
+                "--track.wandb=disabled",
+            ),
+            quiet=True,
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(
+            _cfg(
+                tmp_path,
+                "r",
+                "--train.max_steps=7",
+                "--train.batch_size=25",
+                "--train.seed=3",
+                f"--train.resume={ckpt}",
+                "--track.wandb=disabled",
+            ),
+            quiet=True,
+        )
+    assert not [w for w in caught if "data order" in str(w.message)]
