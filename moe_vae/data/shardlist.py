@@ -1,14 +1,18 @@
 """Shard lists: brace patterns and URLs expanded, checked before training, counted.
 
 A shard is a local path, an `http(s)://` URL, or a `pipe:` command (webdataset's gopen opens all
-three). Sample counts per shard come from a manifest written by `moe-vae data write` (found
-beside local shards), or are counted by reading local shards once.
+three). Sample counts per shard come from a manifest written by `moe-vae data write` (found beside
+local shards, or fetched from beside http(s) shards as `<name>.manifest.json`, the writer's
+name), or are counted by reading local shards once.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tarfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +71,43 @@ def _manifest_counts(paths: list[Path]) -> tuple[dict[str, int], dict[str, Any]]
     return None
 
 
+# The writer's shard names: <name>-<6 digits>.tar, beside <name>.manifest.json.
+_WRITER_SHARD = re.compile(r"^(?P<name>.+)-\d{6}\.tar$")
+MANIFEST_FETCH_TIMEOUT = 30.0  # seconds per manifest; an unreachable server fails, not hangs
+
+
+def _remote_manifest_counts(urls: list[str]) -> tuple[dict[str, int], dict[str, Any]] | None:
+    """Counts of http(s) shards from the manifests beside them, named after the writer's shard
+    names; None where a shard is not named so or its manifest is not there (404)."""
+    counts: dict[str, int] = {}
+    meta: dict[str, Any] = {}
+    groups: dict[str, None] = {}  # manifest URLs, in the shards' order
+    for url in urls:
+        base, _, file = url.rpartition("/")
+        named = _WRITER_SHARD.match(file)
+        if named is None:
+            return None
+        groups[f"{base}/{named['name']}.manifest.json"] = None
+    for murl in groups:
+        try:
+            with urllib.request.urlopen(murl, timeout=MANIFEST_FETCH_TIMEOUT) as response:
+                manifest = json.loads(response.read())
+            base = murl.rpartition("/")[0]
+            files = [f"{base}/{shard['file']}" for shard in manifest["shards"]]
+            counts.update(zip(files, (int(s["samples"]) for s in manifest["shards"]), strict=True))
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            raise ShardError(f"manifest {murl!r} could not be fetched: {err}") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ShardError(f"manifest {murl!r} could not be read: {err}") from None
+        if urls[0] in files:
+            meta = manifest
+    if all(u in counts for u in urls):
+        return counts, meta
+    return None
+
+
 def count_samples(url: str) -> int:
     """Samples in one shard, by reading it (decoding only batched records' key lists)."""
     import webdataset as wds
@@ -111,17 +152,22 @@ def resolve(spec: str | list[str], count: bool = True) -> ShardSet:
     image_shape = None
     class_names = None
     counts = None
+    found = None
     if len(local) == len(urls):
         found = _manifest_counts(local)
-        if found is not None:
-            by_path, meta = found
-            counts = [by_path[str(p)] for p in local]
-            shape = meta.get("image_shape")
-            if shape:
-                image_shape = (1, *shape) if len(shape) == 2 else (shape[2], shape[0], shape[1])
-            class_names = meta.get("class_names")
-        elif count:
-            counts = [count_samples(u) for u in urls]
+        keys = [str(p) for p in local]
+    elif all(u.startswith(("http://", "https://")) for u in urls):
+        found = _remote_manifest_counts(urls)
+        keys = urls
+    if found is not None:
+        by_key, meta = found
+        counts = [by_key[k] for k in keys]
+        shape = meta.get("image_shape")
+        if shape:
+            image_shape = (1, *shape) if len(shape) == 2 else (shape[2], shape[0], shape[1])
+        class_names = meta.get("class_names")
+    elif count and len(local) == len(urls):
+        counts = [count_samples(u) for u in urls]
     return ShardSet(urls, counts, image_shape, class_names)
 
 

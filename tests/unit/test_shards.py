@@ -151,9 +151,24 @@ def test_http_and_pipe_urls(http_root):
         f"pipe:cat {root}/train-{{000000..000001}}.tar",
     ):
         shards = resolve(spec)
-        assert shards.counts is None  # remote: size unknown without resampling
+        # http: the writer's manifest fetched from beside the shards; pipe: size unknown
+        assert shards.counts == ([50, 50] if spec.startswith("http") else None)
         got, _, _, _ = load_in_memory(shards, (1, 6, 5), None, 0.0)
         assert np.array_equal(got.numpy()[:, 0], images)
+
+
+def test_remote_manifest_missing_or_broken(http_root):
+    root, base = http_root
+    write_tiny(root, n=100, per_shard=50)
+    spec = f"{base}/train-{{000000..000001}}.tar"
+    manifest = root / "train.manifest.json"
+    good = manifest.read_text()
+    manifest.write_text("{not json")
+    with pytest.raises(ShardError, match=r"manifest 'http://.*/train\.manifest\.json' could not"):
+        resolve(spec)
+    manifest.write_text(good)
+    manifest.rename(root / "elsewhere.json")  # no manifest: size unknown (needs resampling)
+    assert resolve(spec).counts is None
 
 
 def test_undecodable_first_image_of_a_folder_is_one_error(tmp_path):
