@@ -156,7 +156,8 @@ class StreamingLoader:
         if not resampled and shards.counts is None:
             raise ShardError(
                 "remote shards without a manifest have no known size: set data.resampled=true "
-                "(and data.epoch_steps), or use local shards, or shards from `moe-vae data write`"
+                "(and data.epoch_steps), or use local shards, or serve the <name>.manifest.json "
+                "`moe-vae data write` wrote beside http(s) shards"
             )
         if not resampled and len(shards.urls) < world_size:
             raise ShardError(
