@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Activation = Literal["sigmoid", "relu", "tanh", "gelu", "silu", "elu", "leaky_relu"]
@@ -306,6 +306,18 @@ class OutputConfig(Section):
     # Refuse to write into a run directory that already holds outputs, unless true (then its
     # earlier outputs are deleted before the new run starts).
     overwrite: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str | None) -> str | None:
+        # output.dir/output.name is the run directory (overwrite deletes it): a name that
+        # climbs out of output.dir or is output.dir itself would name another folder.
+        if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+            raise ValueError(
+                f"output.name {name!r} must be one folder name inside output.dir "
+                "(no '/', not '.' or '..')"
+            )
+        return name
 
 
 class ParallelConfig(Section):

@@ -10,6 +10,9 @@ from pathlib import Path
 from moe_vae.config.schema import OutputConfig
 from moe_vae.errors import MoeVaeError
 
+# Files every run directory gets at its start: what marks a directory as a run's.
+RUN_MARKS = ("config.yaml", "metrics.jsonl")
+
 
 class RunDirError(MoeVaeError):
     """The output directory cannot be used (exists with outputs, or not writable)."""
@@ -41,6 +44,13 @@ def prepare_run_dir(cfg: OutputConfig, default_name: str = "run") -> Path:
             raise RunDirError(
                 f"run directory {str(run_dir)!r} already holds outputs: choose another "
                 f"--output.name or pass --output.overwrite=true"
+            )
+        if not any((run_dir / mark).exists() for mark in RUN_MARKS):
+            # overwrite (or resume=auto with nothing to resume) replaces a run, never a folder
+            # of something else that happens to have the name
+            raise RunDirError(
+                f"{str(run_dir)!r} is not a moe-vae run directory (no {' or '.join(RUN_MARKS)})"
+                f" and is not empty; overwriting would delete it: choose another --output.name"
             )
         # A fresh run in place of the old one: its metrics.jsonl is appended to (resume needs
         # that) and its checkpoints would be found by resume=auto, so the old outputs go.

@@ -179,6 +179,42 @@ def test_existing_run_directory_is_overwritten_only_when_asked(tmp_path):
     assert (run / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("flag", ["--output.overwrite=true", "--train.resume=auto"])
+def test_a_folder_that_is_not_a_run_is_never_deleted(tmp_path, flag):
+    """overwrite, and resume=auto with nothing to resume, replace a run directory; a folder of
+    something else with the run's name is refused, everything in it kept."""
+    folder = tmp_path / "mine"
+    (folder / "keep").mkdir(parents=True)
+    (folder / "precious.txt").write_text("important")
+    proc = run_cli(
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        f"--output.dir={tmp_path}",
+        "--output.name=mine",
+        flag,
+        "--track.wandb=disabled",
+    )
+    assert proc.returncode == 2 and "is not a moe-vae run directory" in proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["keep", "precious.txt"]
+    assert (folder / "precious.txt").read_text() == "important"
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "../up"])
+def test_output_name_is_one_folder(tmp_path, name):
+    """output.name '.' with overwrite would have deleted output.dir and every run in it."""
+    proc = run_cli(
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        f"--output.dir={tmp_path}",
+        f"--output.name={name}",
+        "--output.overwrite=true",
+        "--print-config",
+    )
+    assert proc.returncode == 2 and "must be one folder name inside output.dir" in proc.stderr
+
+
 def test_print_config_and_help():
     proc = run_cli(
         "train", "--config", "configs/mnist_seed.yaml", "--train.epochs=3", "--print-config"
