@@ -56,6 +56,8 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     import deepspeed
     import torch.distributed as dist
 
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        _as_a_job_of_one()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -86,6 +88,19 @@ def said_by_this_rank(err: MoeVaeError, info: DistInfo) -> MoeVaeError:
         err.args = (f"{tag}: {err}",)
     err.is_main, err.world_size = True, info.world_size  # type: ignore[attr-defined]
     return err
+
+
+def _as_a_job_of_one() -> None:
+    """parallel.engine=deepspeed in one process started without a launcher: the environment a
+    launcher would give a job of one, where DeepSpeed would look for MPI (mpi4py) instead."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the process group's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**defaults, "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
 
 
 def release_shm_workspace(rank: int) -> None:

@@ -141,5 +141,10 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int) -> Any:
     if engine.zero_optimization_stage() > 0:
         # In fp32, ZeRO 1/2 skips a non-finite gradient only when clipping computes the norm; the
         # overflow check (one all-reduce of a flag) makes the skip unconditional, on every rank.
+        if not hasattr(engine.optimizer, "check_grad_overflow"):  # setting it would do nothing
+            raise MoeVaeError(
+                f"DeepSpeed {deepspeed.__version__}'s ZeRO optimizer has no check_grad_overflow "
+                "(0.17.1 added it): non-finite steps would not be skipped; upgrade deepspeed"
+            )
         engine.optimizer.check_grad_overflow = True
     return engine

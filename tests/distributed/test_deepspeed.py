@@ -503,3 +503,31 @@ def test_one_rank_nonfinite_step_is_skipped_on_every_rank(tmp_path, zero):
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["ok"] and report["skipped"] == 2 and report["manager_same"]
+
+
+def test_deepspeed_engine_in_one_process_without_a_launcher(tmp_path):
+    """parallel.engine=deepspeed started plainly (what fp16's error suggests for one process):
+    a job of one, where DeepSpeed would have looked for MPI and died on a missing mpi4py."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [
+            str(BIN / "moe-vae"),
+            "train",
+            "--config",
+            "configs/tiny.yaml",
+            "--parallel.engine=deepspeed",
+            "--train.max_steps=2",
+            "--track.wandb=disabled",
+            f"--output.dir={tmp_path}",
+            "--output.name=one",
+            "--quiet",
+        ],
+        cwd=REPO,
+        env=dict(env, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = json.loads((tmp_path / "one" / "metrics.jsonl").open().readline())
+    assert start["world_size"] == 1 and start["ep_size"] == 1
