@@ -310,7 +310,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from moe_vae.parallel.dist import exit_process
     from moe_vae.train.trainer import train
 
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, base=_resumed_config(args.config, overrides))
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
@@ -322,6 +322,20 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if result.world_size > 1:
         exit_process(0)
     return 0
+
+
+def _resumed_config(config: Path | None, overrides: list[str]) -> dict[str, Any] | None:
+    """`--train.resume=<checkpoint>` without --config continues that run: its own config is the
+    base the overrides apply to (not the defaults, which would change its data, batch and
+    epochs, and its config.yaml with them)."""
+    from moe_vae.config.load import parse_overrides
+    from moe_vae.train.checkpoint import load_checkpoint, saved_config
+
+    resume = dict(parse_overrides(overrides)).get("train.resume")
+    if config is not None or not isinstance(resume, str) or resume == "auto":
+        return None
+    path = Path(resume)
+    return saved_config(path, load_checkpoint(path, mmap=True)["config"]).model_dump(mode="json")
 
 
 def _report(cfg: Any, result: Any) -> None:

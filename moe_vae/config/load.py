@@ -138,9 +138,14 @@ def build_config(data: dict[str, Any]) -> Config:
         raise ConfigError(format_validation_error(err)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults (the founding recipe) <- YAML file <- dotted overrides, then validate."""
-    data = read_yaml(path) if path is not None else {}
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults (the founding recipe) <- YAML file (or `base`, a config as a dict) <- dotted
+    overrides, then validate."""
+    data = read_yaml(path) if path is not None else dict(base or {})
     for key, value in parse_overrides(overrides or []):
         _apply(data, key, value)
     return build_config(data)

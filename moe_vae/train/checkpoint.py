@@ -151,7 +151,8 @@ def check_same_model(path: Path, saved: ModelConfig, wanted: ModelConfig) -> Non
     raise CheckpointError(f"checkpoint {str(path)!r} is of another model shape ({diff})")
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint, checked (`mmap`: its tensors mapped, not read: for a look at its config)."""
     path = Path(path)
     if path.parent.name == "rolled-back":
         raise CheckpointError(
@@ -161,7 +162,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found (expected a checkpoint.pt file)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is truncated or not a moe-vae checkpoint: "

@@ -3,7 +3,12 @@ that never stopped (bit-identical on CPU, one process)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -221,3 +226,35 @@ def test_resume_mid_epoch_with_another_data_order_says_so(tmp_path, monkeypatch,
             quiet=True,
         )
     assert not [w for w in caught if "data order" in str(w.message)]
+
+
+def test_resume_path_without_config_continues_that_runs_config(tmp_path, monkeypatch, repo):
+    """`moe-vae train --train.resume=<checkpoint>` alone (the README's and the pre-emption
+    message's command): the checkpoint's own config, overrides on top, not the defaults (which
+    trained a tiny finished run on all of MNIST for 100 epochs and rewrote its config.yaml)."""
+    monkeypatch.chdir(repo)
+    first = train(_cfg(tmp_path, "r", "--train.max_steps=5", "--track.wandb=disabled"), quiet=True)
+    before = (first.run_dir / "config.yaml").read_text()
+    moe_vae = [str(Path(sys.prefix) / "bin" / "moe-vae"), "train"]
+    ckpt = f"--train.resume={first.run_dir / 'checkpoint.pt'}"
+    shown = subprocess.run(
+        [*moe_vae, ckpt, "--train.max_steps=7", "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    cfg = load_config(None, [])  # the defaults, for contrast
+    resolved = yaml.safe_load(shown.stdout)
+    assert resolved["data"]["train_limit"] == 500 != cfg.data.train_limit
+    assert resolved["model"]["num_experts"] == 4 != cfg.model.num_experts
+    assert resolved["train"]["max_steps"] == 7 and resolved["train"]["epochs"] == 3
+    proc = subprocess.run(
+        [*moe_vae, ckpt, "--train.max_steps=7", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert max(_steps(first.run_dir)) == 7
+    after = (first.run_dir / "config.yaml").read_text()
+    assert after == before.replace("max_steps: 5", "max_steps: 7")
