@@ -1,9 +1,11 @@
 """The launch/ scripts start the same entry point: torchrun across two simulated nodes on
 127.0.0.1, accelerate launch with its config file, and the deepspeed single-node script; the
-SLURM script (no SLURM here) with stand-ins for srun and deepspeed."""
+SLURM script (no SLURM here) with stand-ins for srun and scontrol, and for deepspeed too where
+only its arguments are looked at."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -133,7 +135,8 @@ def test_slurm_script_passes_overrides_as_typed(tmp_path):
     """launch/slurm_deepspeed.sbatch run by bash, with srun (runs its command as node 0),
     scontrol and deepspeed (records its arguments and its ignored signals) stood in for: the
     config path and overrides with spaces, brackets and braces arrive one argument each, as
-    typed, and the per-node launcher ignores SIGTERM (Slurm's warning is for the ranks)."""
+    typed, the job's hostfile (one line per node, its GPU count as slots) is passed, and the
+    per-node launcher ignores SIGTERM (Slurm's warning is for the ranks)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _stub(bin_dir, "srun", 'while [[ $1 == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"')
@@ -156,6 +159,7 @@ def test_slurm_script_passes_overrides_as_typed(tmp_path):
         SLURM_JOB_NODELIST="node-[001-002]",
         SLURM_NNODES="2",
         SLURM_GPUS_PER_NODE="h100:4",
+        MOE_VAE_LAUNCH_DIR=str(tmp_path / "launch"),
     )
     env.pop("MASTER_PORT", None)
     proc = subprocess.run(
@@ -167,7 +171,13 @@ def test_slurm_script_passes_overrides_as_typed(tmp_path):
         timeout=30,
     )
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "argv").read_text().splitlines() == [
+    argv = (tmp_path / "argv").read_text().splitlines()
+    hostfile = Path(argv[1])
+    assert hostfile.is_absolute() and hostfile.is_relative_to(tmp_path / "launch")
+    assert hostfile.read_text() == "node-001 slots=4\nnode-002 slots=4\n"
+    assert argv == [
+        "--hostfile",
+        str(hostfile),
         "--no_ssh",
         "--node_rank",
         "0",
@@ -187,6 +197,52 @@ def test_slurm_script_passes_overrides_as_typed(tmp_path):
     ]
     ignored = int((tmp_path / "ignored").read_text(), 16)
     assert ignored & (1 << (signal.SIGTERM - 1)), "SIGTERM would end the per-node launcher"
+
+
+def test_slurm_script_trains_on_two_nodes(tmp_path):
+    """launch/slurm_deepspeed.sbatch with the real deepspeed runner on two simulated nodes:
+    srun stands in by starting one task per node on this machine (node-001, the master, is
+    127.0.0.1 here), scontrol by listing the two hosts. Each node's runner finds both in the
+    hostfile (without one it refused --num_nodes 2) and the job trains as one world of 2."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(
+        bin_dir,
+        "srun",
+        "while [[ $1 == --* ]]; do shift; done\n"
+        'for node in 0 1; do MASTER_ADDR=127.0.0.1 SLURM_NODEID=$node "$@" & done\n'
+        # --kill-on-bad-exit: a node that fails ends the other (KILL: the tasks ignore TERM)
+        "for node in 0 1; do wait -n || { rc=$?; kill -KILL $(jobs -p); exit $rc; }; done",
+    )
+    _stub(bin_dir, "scontrol", "printf 'node-001\\nnode-002\\n'")
+    env = _env(
+        SLURM_JOB_NODELIST="node-[001-002]",
+        SLURM_NNODES="2",
+        SLURM_GPUS_PER_NODE="1",
+        MASTER_PORT=str(_port()),
+        MOE_VAE_LAUNCH_DIR=str(tmp_path / "launch"),
+    )
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    proc = subprocess.Popen(
+        ["bash", "launch/slurm_deepspeed.sbatch", *ARGS, f"--output.dir={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # the nodes run in the background: end them all on a timeout
+    )
+    try:
+        out = proc.communicate(timeout=420)[0]
+    finally:
+        if proc.poll() is None or proc.returncode != 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-4000:]
+    start = _start(tmp_path)
+    assert start["world_size"] == 2 and start["ep_size"] == 2
+    assert (tmp_path / "r" / "checkpoint.pt").is_file()
+    assert json.loads((tmp_path / "r" / "eval.json").read_text())["steps"] == 6
 
 
 def test_multi_node_script_resolves_overrides_once_for_every_node(tmp_path):
