@@ -76,6 +76,24 @@ def test_data_write_errors_are_clean(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_data_write_out_that_is_not_a_directory(tmp_path):
+    """--out a file, or under one: one line naming --out, before the input is read, and the
+    file is left as it was."""
+    np.savez(tmp_path / "f.npz", images=np.zeros((4, 3, 3), np.uint8))
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for out, expected in (
+        (afile, f"--out '{afile}' is a file: expected a directory"),
+        (afile / "sub", f"--out '{afile / 'sub'}': '{afile}' is not a directory"),
+    ):
+        args = ["--from", "array", "--input", str(tmp_path / "f.npz"), "--out", str(out)]
+        proc = run_cli("data", "write", *args, "--no-progress")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and expected in proc.stderr
+    assert afile.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "f.npz"]
+
+
 def test_write_from_a_modified_mnist_copy_needs_its_flag(tmp_path):
     """Other IDX data under MNIST's names fails the md5 check, with a hint this command can
     follow: --no-verify-md5."""
