@@ -188,12 +188,15 @@ def _use(args: argparse.Namespace) -> int:
     from moe_vae import commands as c
     from moe_vae.config.load import load_config
     from moe_vae.evaluate.load import load_trained
+    from moe_vae.outpaths import writing
 
     _check_device(args.device)
+    c.check_out(args.command, args.out)
     expect = load_config(args.config) if args.config else None
     model, cfg = load_trained(args.checkpoint, expect, args.device)
     if args.command == "export":
-        c.run_export(model, cfg, args.out)
+        with writing(args.out):
+            c.run_export(model, cfg, args.out)
         print(f"wrote {args.out}")
         return 0
     if args.command == "sample":
@@ -202,7 +205,8 @@ def _use(args: argparse.Namespace) -> int:
             samples, experts = c.run_sample(model, args.n, args.expert, prior, args.seed)
         except ValueError as err:  # an unknown expert index
             raise MoeVaeError(f"--expert: {err}") from None
-        c.save_images(samples, args.out)
+        with writing(args.out):
+            c.save_images(samples, args.out)
         print(f"wrote {args.n} images to {args.out} (experts {sorted(set(experts.tolist()))})")
         return 0
     # The inputs stay on the host: evaluation and per_input move one batch at a time.
@@ -210,9 +214,10 @@ def _use(args: argparse.Namespace) -> int:
     if args.command == "eval":
         metrics = c.run_eval(model, cfg, images, labels, args.seed)
         text = json.dumps(metrics, indent=2)
+        print(text)  # first: should the file fail after all, the metrics are not lost
         if args.out:
-            args.out.write_text(text)
-        print(text)
+            with writing(args.out):
+                args.out.write_text(text)
         return 0
     probs, nll = c.per_input(model, cfg, images, args.seed)
     columns: dict[str, Any] = {"key": keys, "label": labels.tolist()}
@@ -225,7 +230,8 @@ def _use(args: argparse.Namespace) -> int:
         columns.update({f"p_{e}": probs[:, e].tolist() for e in range(probs.shape[1])})
     else:
         columns["nll"] = nll.tolist()
-    c.write_table(args.out, columns)
+    with writing(args.out):
+        c.write_table(args.out, columns)
     print(f"wrote {len(keys)} rows to {args.out}")
     return 0
 
@@ -286,7 +292,9 @@ def _data_write(args: argparse.Namespace) -> int:
     from moe_vae.data.mnist import EMBEDDED_DIR
     from moe_vae.data.sources import array_source, image_folder_source, mnist_source
     from moe_vae.data.writer import WriteOptions, write_shards
+    from moe_vae.outpaths import check_out_dir
 
+    check_out_dir(args.out)
     if args.source == "mnist":
         source = mnist_source(args.mnist_dir or EMBEDDED_DIR, args.split, not args.no_verify_md5)
         name = args.name or args.split

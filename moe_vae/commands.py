@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from moe_vae.config.load import config_to_yaml
@@ -25,6 +26,37 @@ from moe_vae.evaluate.evaluator import evaluate, evaluation_losses, to_inputs
 from moe_vae.evaluate.plots import tile
 from moe_vae.model.losses import mixture_nll_per_input
 from moe_vae.model.mixture import MixtureOfVAEs
+from moe_vae.outpaths import check_out_file
+
+# The file names each command's --out may have (eval writes its JSON under any name).
+OUT_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "eval": (),
+    "sample": (".png", ".npy"),
+    "assign": (".csv", ".parquet"),
+    "score": (".csv", ".parquet"),
+    "export": (".safetensors",),
+}
+
+
+def check_out(command: str, out: Path | None) -> None:
+    """A command's --out, checked before the model is loaded: a bad one otherwise fails only
+    when the result is written, after all the work."""
+    if out is None:
+        return
+    check_out_file(out, OUT_SUFFIXES[command])
+    if out.suffix == ".parquet":
+        _pyarrow(out)
+
+
+def _pyarrow(path: Path) -> Any:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MoeVaeError(
+            f"--out {str(path)!r}: Parquet needs pyarrow (pip install pyarrow), or use .csv"
+        ) from None
+    return pa, pq
 
 
 def input_set(
@@ -142,13 +174,7 @@ def per_input(
 def write_table(path: Path, columns: dict[str, Any]) -> None:
     """Columns of equal length to .csv (or .parquet when pyarrow is installed)."""
     if path.suffix == ".parquet":
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise MoeVaeError(
-                f"--out {str(path)!r}: Parquet needs pyarrow (pip install pyarrow), or use .csv"
-            ) from None
+        pa, pq = _pyarrow(path)
         pq.write_table(pa.table({k: list(v) for k, v in columns.items()}), path)
         return
     if path.suffix != ".csv":
@@ -164,11 +190,8 @@ def run_export(model: MixtureOfVAEs, cfg: Config, out: Path) -> None:
     if out.suffix != ".safetensors":
         raise MoeVaeError(f"--out {str(out)!r}: expected a .safetensors file name")
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(
-        weights,
-        out,
-        metadata={
-            "config": config_to_yaml(cfg),
-            "image_shape": json.dumps(list(model.image_shape)),
-        },
-    )
+    metadata = {"config": config_to_yaml(cfg), "image_shape": json.dumps(list(model.image_shape))}
+    try:
+        save_file(weights, out, metadata=metadata)
+    except SafetensorError as err:  # its I/O errors are not OSErrors
+        raise MoeVaeError(f"--out {str(out)!r}: cannot write it: {err}") from None

@@ -22,7 +22,26 @@ class ConfigError(MoeVaeError):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 needs `1.0e-3`, a common trap)."""
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 needs `1.0e-3`, a common trap)
+    and refuses a mapping that repeats a key (PyYAML keeps the last value without a word, so a
+    second `lr:` further down a section silently wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` keys may be overridden: that is what merging is for
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # an unhashable key: the base class says so
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _FLOAT = re.compile(

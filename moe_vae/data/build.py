@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from moe_vae.config.schema import DataConfig
-from moe_vae.data.cache import default_cache
+from moe_vae.data.cache import cache_setting, default_cache
 from moe_vae.data.digest import file_digest
 from moe_vae.data.loaders import (
     InMemoryLoader,
@@ -74,11 +74,18 @@ def mnist_cache_dir(cfg: DataConfig) -> Path:
 
 
 @contextmanager
-def _writer_lock(out: Path) -> Iterator[None]:
+def _writer_lock(out: Path, cfg: DataConfig) -> Iterator[None]:
     """One writer at a time per cache directory: every local rank of a node whose cache is
     node-local gets here at once; the others wait, then find the shards complete."""
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / ".lock").open("a") as f:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = (out / ".lock").open("a")
+    except OSError as err:  # a file in the way, a read-only or special file system (/proc)
+        raise MoeVaeError(
+            f"{cache_setting(cfg.cache_dir)}: cannot write MNIST's shard cache "
+            f"{str(out)!r}: {err.strerror or err} (expected a writable directory)"
+        ) from None
+    with lock as f:
         # A file system without locks (some network mounts) refuses: the writers then race,
         # which write_shards makes safe (per-process temporary names, atomic renames,
         # byte-identical shards), only wasteful.
@@ -95,7 +102,7 @@ def ensure_mnist_shards(cfg: DataConfig, progress: bool = True) -> tuple[str, st
     for split in ("train", "test"):
         pattern = _complete(manifest_path(out, split))
         if pattern is None:
-            with _writer_lock(out):
+            with _writer_lock(out, cfg):
                 # Checked again under the lock: another process may have just written it.
                 pattern = _complete(manifest_path(out, split))
                 if pattern is None:

@@ -16,3 +16,12 @@ def default_cache() -> Path:
         return Path(os.environ["MOE_VAE_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "moe_vae"
+
+
+def cache_setting(cache_dir: str | None) -> str:
+    """The setting that put the cache where it is, for an error about it: the one to change."""
+    if cache_dir:
+        return f"data.cache_dir {cache_dir!r}"
+    if os.environ.get("MOE_VAE_CACHE"):
+        return f"MOE_VAE_CACHE {os.environ['MOE_VAE_CACHE']!r}"
+    return f"the cache directory {str(default_cache())!r} (set data.cache_dir or MOE_VAE_CACHE)"

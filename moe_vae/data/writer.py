@@ -83,7 +83,12 @@ def write_shards(
     """Write every sample of `source`; returns the manifest (also written beside the shards)."""
     if not name or "/" in name or "." in name:
         raise MoeVaeError(f"shard name {name!r} must be non-empty, without '/' or '.'")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, a read-only or special file system
+        raise MoeVaeError(
+            f"shard directory {str(out_dir)!r}: cannot create it: {err.strerror or err}"
+        ) from None
     manifest_path(out_dir, name).unlink(missing_ok=True)  # incomplete until rewritten at the end
     shards: list[dict[str, Any]] = []
     has_labels = False

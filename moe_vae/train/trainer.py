@@ -134,9 +134,9 @@ class Trainer:
             check_output_dir(cfg.output)
         seed_everything(cfg.train.seed)
         if cfg.data.name == "mnist":  # one rank writes the shard cache, the others wait for it
-            if self.par.is_main:
-                ensure_mnist_shards(cfg.data, progress=not self.quiet)
-            self.par.barrier()
+            # on_main: an unusable cache (a file, a read-only place) is one line, every rank
+            # stops, none waits at a barrier rank 0 never reaches.
+            self.par.on_main(lambda: ensure_mnist_shards(cfg.data, progress=not self.quiet))
         self.data = build_data(
             cfg.data,
             cfg.train.batch_size // world,

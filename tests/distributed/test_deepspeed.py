@@ -377,7 +377,9 @@ def test_a_failing_rank_ends_the_job(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("case", ["run-dir-taken", "bad-config", "no-checkpoint"], ids=lambda c: c)
+@pytest.mark.parametrize(
+    "case", ["run-dir-taken", "bad-config", "no-checkpoint", "bad-cache"], ids=lambda c: c
+)
 def test_bad_input_of_a_job_is_one_line(tmp_path, case):
     """Input every rank reads alike (config, resume path) or rank 0 alone handles (the run
     directory): one line from rank 0, exit 2, no rank left to die in a collective with a
@@ -389,6 +391,7 @@ def test_bad_input_of_a_job_is_one_line(tmp_path, case):
         "run-dir-taken": ["--output.name=taken"],
         "bad-config": ["--train.epochs=0"],
         "no-checkpoint": [f"--train.resume={tmp_path / 'nope.pt'}"],
+        "bad-cache": [f"--data.cache_dir={taken / 'metrics.jsonl'}"],  # a file
     }[case]
     proc = deepspeed(
         2,
@@ -404,9 +407,11 @@ def test_bad_input_of_a_job_is_one_line(tmp_path, case):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("moe-vae: error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
-    assert {"run-dir-taken": "already holds outputs", "bad-config": "train.epochs"}.get(
-        case, "not found"
-    ) in errors[0]
+    assert {
+        "run-dir-taken": "already holds outputs",
+        "bad-config": "train.epochs",
+        "bad-cache": "cannot write MNIST's shard cache",
+    }.get(case, "not found") in errors[0]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (taken / "metrics.jsonl").read_text() == "{}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -241,3 +241,24 @@ def test_unwritable_output_directory_is_one_clear_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "output.dir" in proc.stderr and f"{str(blocker)!r} is not a directory" in proc.stderr
     assert blocker.read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize("where", ["data.cache_dir", "MOE_VAE_CACHE", "/proc"])
+def test_unusable_shard_cache_is_one_clear_line(where, tmp_path, monkeypatch):
+    """The MNIST shard cache in a file, or where no directory can be made: one line naming the
+    setting that put it there, before a run directory exists, the file untouched."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me\n")
+    args = ["--config", "configs/tiny.yaml", f"--output.dir={tmp_path / 'runs'}", "--quiet"]
+    if where == "MOE_VAE_CACHE":
+        monkeypatch.setenv("MOE_VAE_CACHE", str(blocker))
+        setting = f"MOE_VAE_CACHE {str(blocker)!r}: cannot write MNIST's shard cache"
+    else:
+        cache = "/proc/moe_vae_cache" if where == "/proc" else str(blocker)
+        args.append(f"--data.cache_dir={cache}")
+        setting = f"data.cache_dir {cache!r}: cannot write MNIST's shard cache"
+    proc = run_cli("train", *args, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and setting in proc.stderr
+    assert blocker.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -169,6 +170,59 @@ def test_clear_errors(run_dir, tmp_path, args, expected):
     assert proc.returncode == 2
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["eval", "--out", "NODIR/m.json"], "NODIR/m.json': directory 'NODIR' does not exist"),
+        (["eval", "--out", "RUN"], "RUN' is a directory: expected a file name"),
+        (["eval", "--out", "FILE/m.json"], "FILE/m.json': 'FILE' is not a directory"),
+        (["assign", "--out", "NODIR/a.csv"], "directory 'NODIR' does not exist"),
+        (["score", "--out", "RUN"], "RUN' is a directory"),
+        (["sample", "--mixture", "--out", "NODIR/s.png"], "directory 'NODIR' does not exist"),
+        (["sample", "--expert", "0", "--out", "NODIR/s.npy"], "directory 'NODIR' does not exist"),
+        (["sample", "--mixture", "--out", "RUN"], "RUN' is a directory"),
+        (["sample", "--mixture", "--out", "s.jpg"], "expected a .png or .npy file name"),
+        (["export", "--out", "NODIR/m.safetensors"], "directory 'NODIR' does not exist"),
+        (["export", "--out", "RUN"], "RUN' is a directory"),
+    ],
+)
+def test_bad_out_is_one_line_before_any_work(run_dir, tmp_path, args, expected):
+    """--out is checked before the model is loaded: a typo there used to be a traceback after
+    every metric was computed. Nothing is written, the run directory is left as it was."""
+    (tmp_path / "FILE").write_text("keep me")
+    names = {"RUN": str(run_dir), "NODIR": str(tmp_path / "nodir"), "FILE": str(tmp_path / "FILE")}
+
+    def real(text: str) -> str:
+        for name, path in names.items():
+            text = text.replace(name, path)
+        return text
+
+    def out(text: str) -> str:  # a bare file name lands in tmp_path
+        return str(tmp_path / text) if "." in text and "/" not in text else real(text)
+
+    before = sorted(p.name for p in run_dir.iterdir())
+    proc = run_cli(args[0], "--checkpoint", str(run_dir), *args[1:-1], out(args[-1]))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert f"--out '{out(args[-1])}'" in proc.stderr and real(expected) in proc.stderr
+    assert proc.stdout == ""  # refused before any work (eval prints its metrics first)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+    assert (tmp_path / "FILE").read_text() == "keep me"
+
+
+@pytest.mark.skipif(
+    not os.access("/proc", os.W_OK), reason="needs Linux's /proc, as root (else refused up front)"
+)
+def test_out_that_cannot_be_written_keeps_the_metrics(run_dir):
+    """A directory that refuses the file (/proc: no regular files there) passes the checks made
+    up front; writing is then one line, and eval's metrics are on stdout all the same."""
+    proc = run_cli("eval", "--checkpoint", str(run_dir), "--limit", "50", "--out", "/proc/m.json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--out '/proc/m.json'" in proc.stderr
+    assert json.loads(proc.stdout)["num_samples"] == 50
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal where there is no GPU")

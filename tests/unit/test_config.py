@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from moe_vae.config import Config, ConfigError, config_to_yaml, load_config, parse_overrides
+from moe_vae.config.load import read_yaml
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -98,6 +99,11 @@ def test_bad_values_give_one_line_naming_the_key(overrides, expected):
         ("model:\n  z_dim: ten\n", r"model\.z_dim: Input should be a valid integer, got 'ten'"),
         ("model:\n  zdim: 3\n", r"unknown key 'model\.zdim'"),
         ("train: 5\n", r"train: Input should be a valid dictionary"),
+        (
+            "optim:\n  lr: 1e-3\n  lr: 3e-4\n",
+            r"config file '.*bad\.yaml': duplicate key 'lr' at line 3, column 3",
+        ),
+        ("model: {}\ntrain: {}\nmodel: {}\n", r"duplicate key 'model' at line 3"),
     ],
 )
 def test_bad_yaml_files(tmp_path, text, expected):
@@ -106,6 +112,14 @@ def test_bad_yaml_files(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected) as info:
         load_config(path)
     assert "\n" not in str(info.value)
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    """A `<<: *anchor` merge then a key of its own is not a duplicate: that is what merging is."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("x-base: &base {z_dim: 3, num_experts: 4}\nmodel:\n  <<: *base\n  z_dim: 5\n")
+    data = read_yaml(path)
+    assert data["model"] == {"z_dim": 5, "num_experts": 4}
 
 
 def test_missing_config_file(tmp_path):

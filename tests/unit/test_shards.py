@@ -83,6 +83,15 @@ def test_source_errors_name_the_culprit(tmp_path):
         image_folder_source(tmp_path / "empty")
 
 
+def test_shard_directory_that_cannot_be_made_is_one_error(tmp_path):
+    """A file where the directory (or one of its parents) should be: one line naming it."""
+    (tmp_path / "afile").write_text("keep me")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(MoeVaeError, match=f"shard directory '{out}': cannot create it"):
+            write_tiny(out, n=10, per_shard=5)
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
 def test_mnist_source_writes_real_digits(tmp_path):
     from moe_vae.data.mnist import EMBEDDED_DIR, load_split
 
