@@ -103,7 +103,13 @@ def idx_files(root: Path) -> dict[str, Path]:
 
 def download(root: Path, mirrors: list[str], verify_md5: bool = True) -> None:
     """Fetch any missing MNIST file into `root`, trying each mirror; md5-checked before use."""
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(
+            f"data.root {str(root)!r}: cannot create it to download MNIST into: {err.strerror} "
+            "(expected a writable directory)"
+        ) from None
     for name, md5 in MNIST_FILES.items():
         target = root / name
         if target.is_file() and (not verify_md5 or file_digest(target, "md5") == md5):

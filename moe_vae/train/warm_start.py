@@ -84,10 +84,15 @@ def cached_clusters(
             f"({time.perf_counter() - t0:.0f} s), sizes {sizes}",
             flush=True,
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, clusters)
-    tmp.replace(path)
+    try:  # a cache: a folder it cannot write to costs the next run this time again, no more
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, clusters)
+        tmp.replace(path)
+    except OSError as err:
+        warnings.warn(
+            f"warm start: clusters not cached in {str(path.parent)!r}: {err}", stacklevel=2
+        )
     return clusters
 
 

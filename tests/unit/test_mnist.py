@@ -141,6 +141,13 @@ def test_download_with_only_bad_mirrors_fails_and_leaves_nothing(tmp_path, mirro
     assert list(root.iterdir()) == []
 
 
+def test_download_root_that_cannot_be_made_is_one_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    cfg = DataConfig(source="download", root=str(tmp_path / "afile" / "mnist"), mirrors=["x"])
+    with pytest.raises(DataError, match=r"data.root '.*afile/mnist': cannot create it"):
+        load_mnist(cfg)
+
+
 # The shard cache: keyed by the IDX files' content, safe to fill from several processes at once.
 
 

@@ -44,6 +44,17 @@ def test_clusters_recover_separated_groups_and_are_cached(tmp_path, monkeypatch)
         cached_clusters(images, 3, cfg, seed=1, cache_dir=tmp_path, log=False)
 
 
+def test_an_unwritable_cache_warns_and_keeps_the_clusters(tmp_path):
+    """The clusters took minutes to compute: a cache folder that cannot be made costs the
+    cache, not the run."""
+    images, _ = blobs(n_per=20)
+    (tmp_path / "afile").write_text("x")
+    cfg = WarmStartConfig(method="cluster", neighbors=5, dims=2, restarts=1)
+    with pytest.warns(UserWarning, match="clusters not cached in"):
+        clusters = cached_clusters(images, 3, cfg, seed=0, cache_dir=tmp_path / "afile", log=False)
+    assert clusters.shape == (60,)
+
+
 def test_anchor_weight_holds_then_decays_to_zero():
     cfg = WarmStartConfig(method="cluster", weight=10.0, hold_epochs=2, decay_epochs=3)
     anchor = ClusterAnchor(cfg, np.array(["a", "b"]), np.array([1, 0]))
