@@ -23,6 +23,7 @@ from moe_vae.data.pipeline import (
     ShardStream,
     StreamSpec,
     epoch_shard_order,
+    read_shards,
     split_batch,
     split_shards,
 )
@@ -167,6 +168,7 @@ class StreamingLoader:
                 world_size,
                 shuffle_buffer,
                 resampled,
+                shards.counts,
             )
         )
         if self.steps_in_epoch(0) < 1:
@@ -270,12 +272,10 @@ def load_in_memory(
     max_bad_fraction: float,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], Counter[str]]:
     """Read shards in order (no shuffle) into uint8 [N, C, H, W], labels [N], keys."""
-    import webdataset as wds
-
     counter = BadSampleCounter()
-    records = wds.tarfile_samples(({"url": u} for u in shards.urls), handler=counter)
+    expected = dict(zip(shards.urls, shards.counts, strict=True)) if shards.counts else None
     chunks, n = [], 0
-    for chunk in RecordDecoder(image_shape, counter)(records):
+    for chunk in read_shards(shards.urls, RecordDecoder(image_shape, counter), counter, expected):
         chunks.append(chunk)
         n += len(chunk)
         if limit and n >= limit:

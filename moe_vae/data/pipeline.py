@@ -8,12 +8,15 @@ given (seed, world size, workers). Ranks are passed in, never read from torch.di
 Without resampling, each epoch shuffles the shard order with the same seed on every rank, then
 deals shards out: no rank (or worker) sees a sample twice. With resampling, every (rank, worker)
 draws shards with replacement for ever and the epoch length is set in steps by the caller.
+
+Shards are read one at a time, each to its end: where a shard's sample count is known, what it
+lost (a truncated stream, a record that cannot be read) is counted sample by sample.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +37,7 @@ class StreamSpec:
     world_size: int = 1
     shuffle_buffer: int = 10_000
     resampled: bool = False
+    counts: list[int] | None = None  # samples per shard, when known (by position in `urls`)
     # Samples per item a worker hands to the main process (many batches: fewer, larger transfers).
     samples_per_item: int = 8192
 
@@ -74,6 +78,29 @@ def split_shards(
 ) -> list[str]:
     """Deal shards to ranks, then to that rank's workers: a partition of `urls`."""
     return urls[rank::world_size][worker::num_workers]
+
+
+def read_shards(
+    urls: Iterable[str],
+    decoder: RecordDecoder,
+    counter: BadSampleCounter,
+    expected: dict[str, int] | None = None,
+) -> Iterator[Chunk]:
+    """The decoded records of each shard in turn. A shard whose sample count is `expected`
+    and that neither yielded nor counted all of them is charged the difference as
+    `missing_samples` when it ends: a truncated shard, or a lost member, counts every sample it
+    took with it (webdataset reports either as one error)."""
+    import webdataset as wds
+
+    for url in urls:
+        bad_before, good = counter.total, 0
+        for chunk in decoder(wds.tarfile_samples([{"url": url}], handler=counter)):
+            good += len(chunk)
+            yield chunk
+        if expected is not None and url in expected:
+            missing = expected[url] - good - (counter.total - bad_before)
+            if missing > 0:
+                counter.add("missing_samples", missing)
 
 
 def _resampled(urls: list[str], rng: random.Random) -> Iterator[str]:
@@ -195,16 +222,16 @@ def stream_batches(
     spec: StreamSpec, epoch: int, worker: int = 0, num_workers: int = 1
 ) -> Iterator[Batch]:
     """One worker's batches for one epoch: the whole pipeline, top to bottom."""
-    import webdataset as wds
-
     counter = BadSampleCounter()
     if spec.resampled:
         urls: Iterator[str] = _resampled(spec.urls, _rng(spec.seed, epoch, spec.rank, worker))
     else:
+        # Each shard is read once per epoch: its losses count against data.max_bad_fraction.
         order = epoch_shard_order(spec.urls, spec.seed, epoch)
         urls = iter(split_shards(order, spec.rank, spec.world_size, worker, num_workers))
-    records = wds.tarfile_samples(({"url": u} for u in urls), handler=counter)
-    chunks = RecordDecoder(spec.image_shape, counter)(records)
+    expected = dict(zip(spec.urls, spec.counts, strict=True)) if spec.counts else None
+    decoder = RecordDecoder(spec.image_shape, counter)
+    chunks = read_shards(urls, decoder, counter, expected)
     shuffled = _shuffle(chunks, spec.shuffle_buffer, _np_rng(spec.seed, epoch, spec.rank, worker))
     per_item = max(1, spec.samples_per_item // spec.batch_size)
     yield from _batches(shuffled, spec.batch_size, per_item, counter, worker)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +242,21 @@ def test_train_limit_counts_against_the_memory_limit_or_is_refused(tmp_path):
     unknown = ShardSet(["remote-shard.tar"], None, None)
     assert not fits_in_memory(unknown, (1, 64, 64), 1)
     assert fits_in_memory(unknown, (1, 64, 64), 1, sample_limit=100)
+
+
+def test_a_truncated_shard_counts_the_samples_it_lost(tmp_path):
+    """The manifest promised 100 samples in the cut shard: the ones it did not yield are bad
+    samples (webdataset reports the cut as one error), so 15% of the data gone trips the
+    ceiling of a streamed epoch and of the in-memory load."""
+    pattern, _, _ = write_tiny(tmp_path, n=400, per_shard=100, record_size=10)
+    shards = resolve(pattern)
+    cut = Path(shards.urls[2])
+    cut.write_bytes(cut.read_bytes()[: int(cut.stat().st_size * 0.3)])
+    _, _, keys, bad = load_in_memory(shards, SHAPE, None, 1.0)
+    assert 300 < len(keys) <= 345 and bad["tar_error"] == 1
+    assert bad["tar_error"] + bad["missing_samples"] == 400 - len(keys)
+    with pytest.raises(BadDataError, match=r"missing_samples \d+.*max_bad_fraction=0\.05"):
+        load_in_memory(shards, SHAPE, None, 0.05)
+    loader = _stream(shards, workers=2, max_bad_fraction=0.05)
+    with pytest.raises(BadDataError, match=r"samples were bad \(missing_samples \d+, tar_error"):
+        _keys(loader, 0)
