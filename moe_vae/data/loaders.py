@@ -267,6 +267,8 @@ class StreamingLoader:
         )
         latest: dict[int, dict[str, int]] = {}
         for item in loader:
+            if item.error:
+                raise ShardError(item.error)
             if counted:
                 latest[item.worker] = item.bad
                 self._update_counts(latest)

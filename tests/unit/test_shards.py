@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 from shard_helpers import key_index, tiny_arrays, write_tiny
 
-from moe_vae.data.loaders import BadDataError, load_in_memory
+from moe_vae.data.loaders import BadDataError, StreamingLoader, load_in_memory
 from moe_vae.data.mnist import DataError
 from moe_vae.data.records import npy_bytes
 from moe_vae.data.shardlist import ShardError, expand, preflight, resolve
@@ -235,3 +235,24 @@ def test_a_lost_batched_record_counts_every_sample_it_held(tmp_path):
     assert len(keys) == 184 and bad == {"undecodable": 16}
     with pytest.raises(BadDataError, match=r"16 of 200 samples were bad \(undecodable 16\)"):
         load_in_memory(shards, (1, 6, 5), None, 0.05)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_resampled_stream_whose_server_is_gone_stops(tmp_path, workers):
+    """Every shard open fails: after failed_shards_limit shards in a row, one error naming the
+    last URL, instead of a stream that skips shards for ever and never yields a batch."""
+    write_tiny(tmp_path, n=100, per_shard=50)
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    server.server_close()  # gone: every connection is refused
+    shards = resolve(f"{base}/train-{{000000..000001}}.tar")
+    loader = StreamingLoader(
+        shards, (1, 6, 5), 10, 0, num_workers=workers, resampled=True, epoch_steps=5
+    )
+    with pytest.raises(
+        ShardError,
+        match=r"^rank 0 loader worker 0: 10 shards in a row gave no usable sample, the last "
+        rf"'{base}/train-00000[01]\.tar' \(.+\): expected readable shards; is the server up\?$",
+    ):
+        next(iter(loader.epoch_batches(0)))
