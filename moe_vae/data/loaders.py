@@ -1,19 +1,23 @@
 """Batch loaders behind one interface: streamed from shards, or held in (GPU) memory.
 
 Both give every rank the same number of full batches per epoch (no rank runs out early and
-hangs a collective), deterministic for a given (seed, world size, workers), and a position
-(epoch, batches consumed) to resume from exactly. No sample comes twice in an epoch, except with
-data.resampled, where every rank and worker draws shards with replacement.
+hangs a collective; a streamed rank short of its plan repeats batches from its epoch's start,
+see StreamingLoader.epoch_batches), deterministic for a given (seed, world size, workers), and a
+position (epoch, batches consumed) to resume from exactly. No sample comes twice in an epoch,
+except with data.resampled, where every rank and worker draws shards with replacement, and in a
+refilled epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import math
 import random
 import signal
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import numpy as np
@@ -24,6 +28,7 @@ from moe_vae.data.pipeline import (
     ShardStream,
     StreamSpec,
     epoch_shard_order,
+    read_shards,
     split_batch,
     split_shards,
 )
@@ -50,6 +55,7 @@ class BadSampleReport:
     def reset(self) -> None:
         self.counts: Counter[str] = Counter()
         self.good = 0
+        self.refilled_steps = 0  # steps a short stream took from its epoch's start again
 
     @property
     def bad(self) -> int:
@@ -134,7 +140,9 @@ class StreamingLoader:
 
     Steps per epoch: without resampling, planned from the per-shard sample counts so that every
     rank stops after the same number of batches (the smallest rank's full batches); with
-    resampling, `epoch_steps` (default: one pass over the data's size).
+    resampling, `epoch_steps` (default: one pass over the data's size). A rank whose bad samples
+    leave it short of the plan, in one process as in many, refills the missing steps from its
+    epoch's start (epoch_batches).
     """
 
     def __init__(
@@ -179,6 +187,7 @@ class StreamingLoader:
                 world_size,
                 shuffle_buffer,
                 resampled,
+                shards.counts,
             )
         )
         if self.steps_in_epoch(0) < 1:
@@ -232,9 +241,45 @@ class StreamingLoader:
         `report` counts from the epoch's start, the skipped batches included (their bad samples
         are in the workers' counts too): a resumed epoch is held to the same ceiling, and logs
         the same counts, as the uninterrupted one.
+
+        Refill: skipped bad samples can leave this rank's stream short of the planned steps.
+        Rather than stop (the other ranks would wait for it in a collective) or agree on a
+        shorter epoch (a collective per step), it reads its epoch stream again from the start
+        and takes the missing batches from there: the same batches in the same order each time,
+        so a resumed run that skips batches meets exactly the same ones. One process does the
+        same, so every epoch runs its planned steps. Refilled steps are counted in
+        `report.refilled_steps`; the repeated pass's bad samples are not counted again. A pass
+        that gives no batch at all stops the run.
         """
         # Reset here, not at the end: a generator the trainer leaves early never reaches its end.
         self.report.reset()
+        steps = self.steps_in_epoch(epoch)
+        done = 0
+        for repeat in itertools.count():
+            before = done
+            with contextlib.closing(self._pass(epoch, counted=not repeat)) as batches:
+                for batch in batches:
+                    done += 1
+                    if repeat:
+                        self.report.refilled_steps += 1
+                    if done > skip:
+                        yield batch
+                    if done >= steps:
+                        break  # before reading on: the next batch would count as used
+            if not repeat:
+                self.report.check(final=True)
+            if done >= steps:
+                return
+            if done == before:
+                raise BadDataError(
+                    f"rank {self.rank} ran out of data after {done} of {steps} planned steps in "
+                    f"epoch {epoch}: a whole pass over its shards gave no full batch of "
+                    f"{self.batch_size} (bad samples: {dict(self.report.counts)}); fix the shards"
+                )
+
+    def _pass(self, epoch: int, counted: bool) -> Generator[Batch, None, None]:
+        """One pass over this rank's stream of epoch `epoch`; `counted`: its samples, good and
+        bad, go to `report` (the first pass; a refill pass repeats them)."""
         self.dataset.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -247,32 +292,18 @@ class StreamingLoader:
             generator=torch.Generator(),
             worker_init_fn=_leave_signals_to_the_trainer,
         )
-        steps = self.steps_in_epoch(epoch)
         latest: dict[int, dict[str, int]] = {}
-        done = 0
         for item in loader:
-            latest[item.worker] = item.bad
-            self._update_counts(latest)
+            if item.error:
+                raise ShardError(item.error)
+            if counted:
+                latest[item.worker] = item.bad
+                self._update_counts(latest)
             for batch in split_batch(item, self.batch_size):
-                if done >= steps:
-                    break
-                self.report.good += self.batch_size
-                self.report.check()
-                done += 1
-                if done > skip:
-                    yield batch
-            if done >= steps:
-                break
-        self.report.check(final=True)
-        if done < steps:
-            if self.world_size > 1:
-                # The other ranks would wait for this one in a collective: stop the job instead.
-                raise BadDataError(
-                    f"rank {self.rank} ran out of data after {done} of {steps} planned steps in "
-                    f"epoch {epoch} (bad samples: {dict(self.report.counts)}); fix the shards"
-                )
-            # One process: the epoch just ends early.
-            self.report.counts["short_epoch_steps"] += steps - done
+                if counted:
+                    self.report.good += self.batch_size
+                    self.report.check()
+                yield batch
 
     def _update_counts(self, latest: dict[int, dict[str, int]]) -> None:
         # Each worker's counts are cumulative over the epoch: the latest of each, summed.
@@ -297,12 +328,10 @@ def load_in_memory(
     max_bad_fraction: float,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], Counter[str]]:
     """Read shards in order (no shuffle) into uint8 [N, C, H, W], labels [N], keys."""
-    import webdataset as wds
-
     counter = BadSampleCounter()
-    records = wds.tarfile_samples(({"url": u} for u in shards.urls), handler=counter)
+    expected = dict(zip(shards.urls, shards.counts, strict=True)) if shards.counts else None
     chunks, n = [], 0
-    for chunk in RecordDecoder(image_shape, counter)(records):
+    for chunk in read_shards(shards.urls, RecordDecoder(image_shape, counter), counter, expected):
         chunks.append(chunk)
         n += len(chunk)
         if limit and n >= limit:

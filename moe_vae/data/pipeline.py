@@ -8,18 +8,22 @@ given (seed, world size, workers). Ranks are passed in, never read from torch.di
 Without resampling, each epoch shuffles the shard order with the same seed on every rank, then
 deals shards out: no rank (or worker) sees a sample twice. With resampling, every (rank, worker)
 draws shards with replacement for ever and the epoch length is set in steps by the caller.
+
+Shards are read one at a time, each to its end: where a shard's sample count is known, what it
+lost (a truncated stream, a record that cannot be read) is counted sample by sample.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from moe_vae.data.records import BadSampleCounter, Chunk, RecordDecoder
+from moe_vae.data.shardlist import ShardError
 
 
 @dataclass
@@ -34,6 +38,7 @@ class StreamSpec:
     world_size: int = 1
     shuffle_buffer: int = 10_000
     resampled: bool = False
+    counts: list[int] | None = None  # samples per shard, when known (by position in `urls`)
     # Samples per item a worker hands to the main process (many batches: fewer, larger transfers).
     samples_per_item: int = 8192
 
@@ -46,6 +51,9 @@ class Batch:
     bad: dict[str, int] = field(default_factory=dict)  # cumulative skips of the producing worker
     worker: int = 0
     index: torch.Tensor | None = None  # in-memory data: the samples' indices, on the device
+    # A worker's error, raised by the trainer as one line (an exception raised in a worker
+    # reaches it wrapped in the worker's traceback).
+    error: str = ""
 
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
         self.images = self.images.pin_memory()
@@ -74,6 +82,47 @@ def split_shards(
 ) -> list[str]:
     """Deal shards to ranks, then to that rank's workers: a partition of `urls`."""
     return urls[rank::world_size][worker::num_workers]
+
+
+def failed_shards_limit(num_shards: int) -> int:
+    """Shards in a row without a usable sample after which a resampled stream gives up (a
+    server gone away): twice the shard count, so that a few bad shards drawn in a row do not
+    stop a run whose other shards are fine, and at least 10."""
+    return max(10, 2 * num_shards)
+
+
+def read_shards(
+    urls: Iterable[str],
+    decoder: RecordDecoder,
+    counter: BadSampleCounter,
+    expected: dict[str, int] | None = None,
+    max_failed_in_row: int | None = None,
+) -> Iterator[Chunk]:
+    """The decoded records of each shard in turn. A shard whose sample count is `expected`
+    and that neither yielded nor counted all of them is charged the difference as
+    `missing_samples` when it ends: a truncated shard, or a lost member, counts every sample it
+    took with it (webdataset reports either as one error). `max_failed_in_row` shards in a row
+    with no usable sample raise a ShardError naming the last one."""
+    import webdataset as wds
+
+    failed_in_row = 0
+    for url in urls:
+        bad_before, good = counter.total, 0
+        counter.last_error = ""
+        for chunk in decoder(wds.tarfile_samples([{"url": url}], handler=counter)):
+            good += len(chunk)
+            yield chunk
+        if expected is not None and url in expected:
+            missing = expected[url] - good - (counter.total - bad_before)
+            if missing > 0:
+                counter.add("missing_samples", missing)
+        failed_in_row = 0 if good else failed_in_row + 1
+        if max_failed_in_row is not None and failed_in_row >= max_failed_in_row:
+            why = counter.last_error or ", ".join(f"{k} {v}" for k, v in counter.counts.items())
+            raise ShardError(
+                f"{failed_in_row} shards in a row gave no usable sample, the last {url!r} "
+                f"({why or 'no samples'}): expected readable shards; is the server up?"
+            )
 
 
 def _resampled(urls: list[str], rng: random.Random) -> Iterator[str]:
@@ -159,12 +208,17 @@ def _batches(
         yield _as_batch(_take(_concat(pending), slice(0, full)), counter, worker)
     # A last, empty item: the worker's final bad-sample counts reach the main process even when
     # it produced no batch at all.
-    yield Batch(
+    yield _empty(counter, worker)
+
+
+def _empty(counter: BadSampleCounter, worker: int, error: str = "") -> Batch:
+    return Batch(
         torch.empty(0, dtype=torch.uint8),
         torch.empty(0, dtype=torch.int64),
         [],
         dict(counter.counts),
         worker,
+        error=error,
     )
 
 
@@ -195,19 +249,25 @@ def stream_batches(
     spec: StreamSpec, epoch: int, worker: int = 0, num_workers: int = 1
 ) -> Iterator[Batch]:
     """One worker's batches for one epoch: the whole pipeline, top to bottom."""
-    import webdataset as wds
-
     counter = BadSampleCounter()
+    limit = None
     if spec.resampled:
         urls: Iterator[str] = _resampled(spec.urls, _rng(spec.seed, epoch, spec.rank, worker))
+        # An endless stream whose shards all fail would never yield a batch: give up instead.
+        limit = failed_shards_limit(len(spec.urls))
     else:
+        # Each shard is read once per epoch: its losses count against data.max_bad_fraction.
         order = epoch_shard_order(spec.urls, spec.seed, epoch)
         urls = iter(split_shards(order, spec.rank, spec.world_size, worker, num_workers))
-    records = wds.tarfile_samples(({"url": u} for u in urls), handler=counter)
-    chunks = RecordDecoder(spec.image_shape, counter)(records)
+    expected = dict(zip(spec.urls, spec.counts, strict=True)) if spec.counts else None
+    decoder = RecordDecoder(spec.image_shape, counter)
+    chunks = read_shards(urls, decoder, counter, expected, limit)
     shuffled = _shuffle(chunks, spec.shuffle_buffer, _np_rng(spec.seed, epoch, spec.rank, worker))
     per_item = max(1, spec.samples_per_item // spec.batch_size)
-    yield from _batches(shuffled, spec.batch_size, per_item, counter, worker)
+    try:
+        yield from _batches(shuffled, spec.batch_size, per_item, counter, worker)
+    except ShardError as err:
+        yield _empty(counter, worker, f"rank {spec.rank} loader worker {worker}: {err}")
 
 
 class ShardStream(torch.utils.data.IterableDataset):

@@ -65,13 +65,20 @@ class BadSampleCounter:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.last_error = ""  # the latest error webdataset reported, for a message
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
     def add(self, reason: str, n: int = 1) -> None:
         self.counts[reason] += n
 
     def __call__(self, exn: Exception) -> bool:
-        # Errors webdataset reports while opening a shard or reading its tar stream.
+        # Errors webdataset reports while opening a shard or reading its tar stream. It appends
+        # the stream and URL to their args: the message is the first.
         text = f"{type(exn).__name__}: {exn}".lower()
+        self.last_error = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
         self.add("unreadable_shard" if "open" in text or "no such file" in text else "tar_error")
         return True
 
@@ -85,6 +92,36 @@ def to_chw(images: np.ndarray) -> np.ndarray:
 
 def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def key_list(data: bytes, n: int | None = None) -> list[Any]:
+    """A batched record's keys.json: a JSON list (of `n` keys, when given)."""
+    keys = json.loads(data)  # a ValueError too when not UTF-8
+    if not isinstance(keys, list):
+        raise ValueError(f"keys.json holds a {type(keys).__name__}, not a list")
+    if n is not None and len(keys) != n:
+        raise ValueError(f"keys.json lists {len(keys)} keys for {n} images")
+    return keys
+
+
+def _label_vector(data: bytes, n: int) -> np.ndarray:
+    labels = _load_npy(data)
+    if labels.shape != (n,):
+        raise ValueError(f"labels.npy has shape {labels.shape} for {n} images")
+    return labels
+
+
+def record_size(record: dict[str, Any]) -> int:
+    """How many samples an unusable batched record held, to count them all as bad: its key
+    list's length when that is readable, else its labels', else 1 (where the shard's sample
+    count is known, what this misses is charged when the shard ends: pipeline.read_shards)."""
+    for member, load in (("keys.json", key_list), ("labels.npy", _load_npy)):
+        try:
+            size = len(load(record[member]))
+        except (KeyError, ValueError, OSError, TypeError):  # missing, corrupt, or 0-d
+            continue
+        return max(size, 1)
+    return 1
 
 
 def _decode_image(sample: dict[str, Any]) -> np.ndarray | None:
@@ -128,24 +165,23 @@ class RecordDecoder:
         return Chunk(chw, labels.astype(np.int64, copy=False), np.asarray(keys))
 
     def _batched(self, record: dict[str, Any]) -> Chunk | None:
+        # Every member is checked here, inside the try: a keys.json that is valid JSON but not
+        # a list, or a 0-d labels.npy, is an undecodable record, not a TypeError in a worker.
         try:
             images = _load_npy(record["images.npy"])
-            n = len(images)
+            n = len(images)  # a TypeError when 0-d
             labels = (
-                _load_npy(record["labels.npy"])
+                _label_vector(record["labels.npy"], n)
                 if "labels.npy" in record
                 else np.full(n, UNKNOWN_LABEL)
             )
             keys = (
-                json.loads(record["keys.json"])
+                key_list(record["keys.json"], n)
                 if "keys.json" in record
                 else [f"{record['__key__']}/{i}" for i in range(n)]
             )
         except (ValueError, OSError, TypeError):
-            self.counter.add("undecodable")
-            return None
-        if len(labels) != n or len(keys) != n:
-            self.counter.add("undecodable", max(n, 1))
+            self.counter.add("undecodable", record_size(record))
             return None
         return self._chunk(images, labels, keys)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import braceexpand
 
-from moe_vae.data.records import BadSampleCounter, RecordDecoder
+from moe_vae.data.records import BadSampleCounter, RecordDecoder, key_list
 from moe_vae.errors import MoeVaeError
 
 
@@ -124,9 +124,7 @@ def _batched_size(url: str, record: dict[str, Any]) -> int:
     """Samples in a batched record, from its key list: without a readable list the shard's size
     (and so the epoch's plan) is unknown."""
     try:
-        keys = json.loads(record["keys.json"])  # a ValueError too when not UTF-8
-        if not isinstance(keys, list):
-            raise ValueError(f"it holds a {type(keys).__name__}")
+        keys = key_list(record["keys.json"])
     except ValueError as err:
         raise ShardError(
             f"shard {url!r}: record {record.get('__key__')!r} has a corrupt keys.json ({err}): "

@@ -474,6 +474,8 @@ class Trainer:
         # Streamed skips differ per rank: summed. Load-time skips are the same on every rank
         # (each reads all of an in-memory dataset): counted once.
         bad = Counter(self.par.sum_counts(loader.report.counts)) + self.data.load_skipped
+        # Batches a short stream repeated (StreamingLoader.epoch_batches): steps, not samples.
+        refilled = self.par.sum_counts({"steps": loader.report.refilled_steps})["steps"]
         means = self.par.mean_over_ranks(self.epoch_sums / max(self.epoch_steps, 1))
         importance, assigned = self.par.mean_over_ranks(self.epoch_usage_2E)
         share = (assigned / assigned.sum().clamp_min(1)).tolist()
@@ -495,6 +497,7 @@ class Trainer:
             "train/nonfinite_skipped": self.nonfinite_total,
             **self._loss_scale_record(),
             "data/bad_samples": sum(bad.values()),
+            "data/refilled_steps": refilled,
             **{f"data/bad/{k}": v for k, v in sorted(bad.items())},
         }
         record["memory/rss_mb"] = resident_memory_mb()["memory/rss_mb"]

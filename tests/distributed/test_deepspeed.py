@@ -417,6 +417,56 @@ def test_bad_input_of_a_job_is_one_line(tmp_path, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
+def test_one_bad_sample_does_not_stop_a_streamed_two_rank_run(tmp_path):
+    """4 shards of 500 samples, one label garbled: the rank that skips it is a batch short of
+    the 20 planned steps per epoch and refills it from its epoch's start (it used to stop the
+    job: "rank 1 ran out of data after 19 of 20 planned steps")."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from moe_vae.data.sources import from_arrays
+    from moe_vae.data.writer import WriteOptions, write_shards
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2000, 8, 8), dtype=np.uint8)
+    opts = WriteOptions(samples_per_shard=500, record="sample")
+    write_shards(from_arrays(images, np.arange(2000) % 10, "s-"), tmp_path, "d", opts, False)
+    shard = tmp_path / "d-000001.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    bad = next(i for i, (info, _) in enumerate(members) if info.name.endswith(".cls"))
+    with tarfile.open(shard, "w") as tar:
+        for i, (info, data) in enumerate(members):
+            tar.addfile(info, io.BytesIO(b"X" * len(data) if i == bad else data))
+    proc = deepspeed(
+        2,
+        str(BIN / "moe-vae"),
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        "--data.name=shards",
+        f"--data.train_shards={tmp_path}/d-{{000000..000003}}.tar",
+        "--data.test_shards=null",
+        "--data.train_limit=null",
+        "--data.loader=stream",
+        "--data.num_workers=0",
+        "--train.batch_size=100",
+        "--train.max_steps=20",
+        f"--output.dir={tmp_path}",
+        "--output.name=r",
+        "--track.wandb=disabled",
+        "--quiet",
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    epoch = next(r for r in records if r.get("event") == "epoch")
+    assert epoch["step"] == 20 and epoch["data/refilled_steps"] == 1
+    assert epoch["data/bad_samples"] == 1 and epoch["data/bad/bad_label"] == 1
+
+
 def _step_losses(run: Path) -> dict[int, float]:
     return step_values(run / "metrics.jsonl")
 

@@ -59,6 +59,7 @@ def test_write_then_train_from_shards(tmp_path):
     assert start["train_samples"] == 60_000 and start["test_samples"] == 10_000
     epoch = next(r for r in records if r.get("event") == "epoch")
     assert epoch["data/bad_samples"] == 0 and epoch["step"] == 30
+    assert epoch["data/refilled_steps"] == 0
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert ev["num_samples"] == 10_000 and np.isfinite(ev["neg_elbo"])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,17 +199,50 @@ def test_bad_sample_ceiling_holds_for_each_epoch(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_sample_counts_are_per_epoch(tmp_path, workers):
     """loader.report.counts (logged as each epoch's data/bad/*) are the epoch's own counts, a
-    resumed epoch's included."""
+    resumed epoch's included; the steps refilled are counted apart, never as bad samples."""
     pattern, _, _ = write_tiny(tmp_path, n=200, per_shard=50)
     _spoil_last_shard(pattern, bad=20)  # 180 good samples for 20 planned steps: 2 steps short
     loader = _stream(resolve(pattern), workers=workers, max_bad_fraction=1.0)
-    epoch_counts = {"wrong_dtype": 20, "short_epoch_steps": 2}
+    epoch_counts = {"wrong_dtype": 20}
     for epoch in (0, 1, 2):
-        assert len(_keys(loader, epoch)) == 180
-        assert loader.report.counts == epoch_counts
-        assert loader.report.good == 180
-    assert len(_keys(loader, 3, skip=5)) == 130
+        keys = _keys(loader, epoch)
+        assert len(keys) == 200 and keys[180:] == keys[:20]  # refilled from the epoch's start
+        assert loader.report.counts == epoch_counts and loader.report.bad == 20
+        assert loader.report.good == 180 and loader.report.refilled_steps == 2
+    assert len(_keys(loader, 3, skip=5)) == 150
     assert loader.report.counts == epoch_counts and loader.report.good == 180
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_rank_short_of_its_plan_refills_from_its_epoch_start(tmp_path, workers):
+    """One bad sample of 400 leaves one of two ranks a batch short: it repeats its epoch's first
+    batch instead of stopping the job ("rank 1 ran out of data"), and a resumed run that skips
+    into the refilled steps meets the same batches."""
+    pattern, _, _ = write_tiny(tmp_path, n=400, per_shard=50)
+    _spoil_last_shard(pattern, bad=1)
+    shards = resolve(pattern)
+    loaders = [_stream(shards, rank=r, world=2, workers=workers) for r in range(2)]
+    assert {ld.steps_in_epoch(1) for ld in loaders} == {20}
+    per_rank = [_keys(ld, 1) for ld in loaders]
+    assert [len(k) for k in per_rank] == [200, 200]
+    assert sorted(ld.report.refilled_steps for ld in loaders) == [0, 1]
+    short = next(r for r, ld in enumerate(loaders) if ld.report.refilled_steps)
+    keys = per_rank[short]
+    assert keys[190:] == keys[:10] and len(set(keys)) == 190
+    assert loaders[short].report.counts == {"wrong_dtype": 1}  # not counted twice
+    assert _keys(_stream(shards, rank=short, world=2, workers=workers), 1, skip=19) == keys[190:]
+
+
+def test_a_pass_with_no_batch_is_one_error(tmp_path):
+    pattern, _, _ = write_tiny(tmp_path, n=50, per_shard=50)
+    _spoil_last_shard(pattern, bad=45)  # 5 good samples: no batch of 10
+    loader = _stream(resolve(pattern), workers=0, max_bad_fraction=1.0)
+    with pytest.raises(
+        BadDataError,
+        match=r"rank 0 ran out of data after 0 of 5 planned steps in epoch 0: a whole pass over "
+        r"its shards gave no full batch of 10 \(bad samples: \{'wrong_dtype': 45\}\)",
+    ):
+        _keys(loader, 0)
 
 
 def test_train_limit_counts_against_the_memory_limit_or_is_refused(tmp_path):
@@ -241,3 +275,21 @@ def test_train_limit_counts_against_the_memory_limit_or_is_refused(tmp_path):
     unknown = ShardSet(["remote-shard.tar"], None, None)
     assert not fits_in_memory(unknown, (1, 64, 64), 1)
     assert fits_in_memory(unknown, (1, 64, 64), 1, sample_limit=100)
+
+
+def test_a_truncated_shard_counts_the_samples_it_lost(tmp_path):
+    """The manifest promised 100 samples in the cut shard: the ones it did not yield are bad
+    samples (webdataset reports the cut as one error), so 15% of the data gone trips the
+    ceiling of a streamed epoch and of the in-memory load."""
+    pattern, _, _ = write_tiny(tmp_path, n=400, per_shard=100, record_size=10)
+    shards = resolve(pattern)
+    cut = Path(shards.urls[2])
+    cut.write_bytes(cut.read_bytes()[: int(cut.stat().st_size * 0.3)])
+    _, _, keys, bad = load_in_memory(shards, SHAPE, None, 1.0)
+    assert 300 < len(keys) <= 345 and bad["tar_error"] == 1
+    assert bad["tar_error"] + bad["missing_samples"] == 400 - len(keys)
+    with pytest.raises(BadDataError, match=r"missing_samples \d+.*max_bad_fraction=0\.05"):
+        load_in_memory(shards, SHAPE, None, 0.05)
+    loader = _stream(shards, workers=2, max_bad_fraction=0.05)
+    with pytest.raises(BadDataError, match=r"samples were bad \(missing_samples \d+, tar_error"):
+        _keys(loader, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import tarfile
 import threading
 from functools import partial
 
@@ -14,8 +15,9 @@ import webdataset as wds
 from PIL import Image
 from shard_helpers import key_index, tiny_arrays, write_tiny
 
-from moe_vae.data.loaders import load_in_memory
+from moe_vae.data.loaders import BadDataError, StreamingLoader, load_in_memory
 from moe_vae.data.mnist import DataError
+from moe_vae.data.records import npy_bytes
 from moe_vae.data.shardlist import ShardError, expand, preflight, resolve
 from moe_vae.data.sources import array_source, image_folder_source, mnist_source
 from moe_vae.data.writer import WriteOptions, write_shards
@@ -210,3 +212,71 @@ def test_corrupt_key_list_while_counting_is_one_error(tmp_path, keys):
         match=r"shard '.*s\.tar': record 'r0' has a corrupt keys\.json .*expected a JSON list",
     ):
         resolve(str(path))
+
+
+@pytest.mark.parametrize(
+    ("member", "data"),
+    [("keys.json", b"5"), ("keys.json", b'{"a": 1}'), ("labels.npy", "0-d")],
+)
+def test_a_batched_record_of_the_wrong_form_is_undecodable(tmp_path, member, data):
+    """Members that parse but hold the wrong thing (a number for the key list, a 0-d label
+    array) make the record undecodable, counted by the samples it held: no TypeError."""
+    images, labels = tiny_arrays(4)
+    good = {
+        "images.npy": npy_bytes(images),
+        "labels.npy": npy_bytes(labels.astype(np.int64)),
+        "keys.json": json.dumps([f"k{i}" for i in range(4)]).encode(),
+    }
+    if data == "0-d":
+        buf = io.BytesIO()
+        np.save(buf, np.array(7))  # not npy_bytes: ascontiguousarray makes it 1-d
+        data = buf.getvalue()
+    path = tmp_path / "s-000000.tar"
+    with wds.TarWriter(str(path), encoder=False) as writer:
+        writer.write({"__key__": "bad", **good, member: data})
+        writer.write({"__key__": "good", **good})
+    _, _, keys, bad = load_in_memory(resolve(str(path), count=False), None, None, 1.0)
+    assert len(keys) == 4 and bad == {"undecodable": 4}
+
+
+def _garble_member(path: str, suffix: str) -> None:
+    """Overwrites the first member whose name ends in `suffix` with as many bytes of junk."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    with tarfile.open(path, "w") as tar:
+        garbled = False
+        for info, data in members:
+            if not garbled and info.name.endswith(suffix):
+                data, garbled = b"X" * len(data), True
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_lost_batched_record_counts_every_sample_it_held(tmp_path):
+    pattern, _, _ = write_tiny(tmp_path, n=200, per_shard=50, record_size=16)
+    shards = resolve(pattern)
+    _garble_member(shards.urls[0], ".images.npy")  # the first record: 16 samples
+    _, _, keys, bad = load_in_memory(shards, (1, 6, 5), None, 1.0)
+    assert len(keys) == 184 and bad == {"undecodable": 16}
+    with pytest.raises(BadDataError, match=r"16 of 200 samples were bad \(undecodable 16\)"):
+        load_in_memory(shards, (1, 6, 5), None, 0.05)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_resampled_stream_whose_server_is_gone_stops(tmp_path, workers):
+    """Every shard open fails: after failed_shards_limit shards in a row, one error naming the
+    last URL, instead of a stream that skips shards for ever and never yields a batch."""
+    write_tiny(tmp_path, n=100, per_shard=50)
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    server.server_close()  # gone: every connection is refused
+    shards = resolve(f"{base}/train-{{000000..000001}}.tar")
+    loader = StreamingLoader(
+        shards, (1, 6, 5), 10, 0, num_workers=workers, resampled=True, epoch_steps=5
+    )
+    with pytest.raises(
+        ShardError,
+        match=r"^rank 0 loader worker 0: 10 shards in a row gave no usable sample, the last "
+        rf"'{base}/train-00000[01]\.tar' \(.+\): expected readable shards; is the server up\?$",
+    ):
+        next(iter(loader.epoch_batches(0)))
