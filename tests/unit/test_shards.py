@@ -267,10 +267,13 @@ def test_a_resampled_stream_whose_server_is_gone_stops(tmp_path, workers):
     last URL, instead of a stream that skips shards for ever and never yields a batch."""
     write_tiny(tmp_path, n=100, per_shard=50)
     handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
-    server.server_close()  # gone: every connection is refused
-    shards = resolve(f"{base}/train-{{000000..000001}}.tar")
+    shards = resolve(f"{base}/train-{{000000..000001}}.tar")  # its manifest: read while up
+    server.shutdown()
+    server.server_close()  # then gone: every connection is refused
     loader = StreamingLoader(
         shards, (1, 6, 5), 10, 0, num_workers=workers, resampled=True, epoch_steps=5
     )
