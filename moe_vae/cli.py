@@ -8,11 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from moe_vae import __version__
 from moe_vae.errors import MoeVaeError
+
+# How long a rank other than 0 waits before it says an error every rank meets alike (rank 0
+# says it, and the launcher ends the job, within about a second of each other).
+OTHER_RANKS_GRACE_S = 5.0
 
 TRAIN_EPILOG = """\
 Config overrides are dotted keys after the options, e.g.:
@@ -417,12 +422,18 @@ def main(argv: list[str] | None = None) -> int:
         from moe_vae.parallel.dist import exit_process, launched_rank, launched_world_size
 
         code = getattr(err, "exit_code", 2)
-        # Every rank of a job reads the same config, checkpoint and run directory, so those
-        # errors are raised on every rank alike: rank 0 says it (an error of one rank's own, in
-        # training, is marked is_main by train()).
-        if getattr(err, "is_main", launched_rank() == 0):
+        rank, world = launched_rank(), launched_world_size()
+        if not hasattr(err, "is_main") and rank != 0:
+            # Every rank reads the same config, checkpoint and run directory, so such errors are
+            # raised on every rank alike and rank 0 says it: once it has, the launcher ends the
+            # job, this rank included. Should rank 0 not (it is slower, or waits for this rank
+            # in a collective), this rank says it after a grace time, nothing lost. An error of
+            # one rank's own in training is marked is_main by train(): said at once.
+            time.sleep(OTHER_RANKS_GRACE_S)
+            print(f"moe-vae: error: rank {rank}: {err}", file=sys.stderr)
+        elif getattr(err, "is_main", True):
             print(f"moe-vae: error: {err}", file=sys.stderr)
-        if getattr(err, "world_size", launched_world_size()) > 1:
+        if getattr(err, "world_size", world) > 1:
             exit_process(code)  # maybe in a process group: leave without its teardown
         return code
     parser.error(f"unknown command {args.command!r}")

@@ -138,7 +138,10 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int) -> Any:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     check_checkpointable(engine.optimizer)
     keep_running_at_the_floor(engine.optimizer)
-    if engine.zero_optimization_stage() > 0:
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    # BF16_Optimizer computes the global norm at every step and skips a non-finite one itself.
+    if engine.zero_optimization_stage() > 0 and not isinstance(engine.optimizer, BF16_Optimizer):
         # In fp32, ZeRO 1/2 skips a non-finite gradient only when clipping computes the norm; the
         # overflow check (one all-reduce of a flag) makes the skip unconditional, on every rank.
         if not hasattr(engine.optimizer, "check_grad_overflow"):  # setting it would do nothing

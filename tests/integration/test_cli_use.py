@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from test_cli_train import REPO, run_cli
 
+from moe_vae import cli
 from moe_vae.config import load_config
 from moe_vae.evaluate.load import load_trained
 from moe_vae.train import train
@@ -188,9 +189,11 @@ def test_clear_errors(run_dir, tmp_path, args, expected):
         (["export", "--out", "RUN"], "RUN' is a directory"),
     ],
 )
-def test_bad_out_is_one_line_before_any_work(run_dir, tmp_path, args, expected):
+def test_bad_out_is_one_line_before_any_work(run_dir, tmp_path, capsys, args, expected):
     """--out is checked before the model is loaded: a typo there used to be a traceback after
-    every metric was computed. Nothing is written, the run directory is left as it was."""
+    every metric was computed. Nothing is written, the run directory is left as it was. (The
+    command line in this process: refused before any work, so a subprocess would only add its
+    start-up time.)"""
     (tmp_path / "FILE").write_text("keep me")
     names = {"RUN": str(run_dir), "NODIR": str(tmp_path / "nodir"), "FILE": str(tmp_path / "FILE")}
 
@@ -203,11 +206,12 @@ def test_bad_out_is_one_line_before_any_work(run_dir, tmp_path, args, expected):
         return str(tmp_path / text) if "." in text and "/" not in text else real(text)
 
     before = sorted(p.name for p in run_dir.iterdir())
-    proc = run_cli(args[0], "--checkpoint", str(run_dir), *args[1:-1], out(args[-1]))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert f"--out '{out(args[-1])}'" in proc.stderr and real(expected) in proc.stderr
-    assert proc.stdout == ""  # refused before any work (eval prints its metrics first)
+    code = cli.main([args[0], "--checkpoint", str(run_dir), *args[1:-1], out(args[-1])])
+    stdout, stderr = capsys.readouterr()
+    assert code == 2 and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert f"--out '{out(args[-1])}'" in stderr and real(expected) in stderr
+    assert stdout == ""  # refused before any work (eval prints its metrics first)
     assert sorted(p.name for p in run_dir.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
     assert (tmp_path / "FILE").read_text() == "keep me"
