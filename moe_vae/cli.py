@@ -320,13 +320,14 @@ def _data_write(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from moe_vae.config.load import config_to_yaml, load_config
+
+    cfg = load_config(args.config, overrides, base=_resumed_config(args.config, overrides))
+    if args.print_config:  # before torch is imported: a quick check of what a config resolves to
+        print(config_to_yaml(cfg), end="")
+        return 0
     from moe_vae.parallel.dist import exit_process
     from moe_vae.train.trainer import train
 
-    cfg = load_config(args.config, overrides, base=_resumed_config(args.config, overrides))
-    if args.print_config:
-        print(config_to_yaml(cfg), end="")
-        return 0
     result = train(
         cfg, run_name=args.config.stem if args.config else "mnist_seed", quiet=args.quiet
     )
@@ -342,11 +343,12 @@ def _resumed_config(config: Path | None, overrides: list[str]) -> dict[str, Any]
     base the overrides apply to (not the defaults, which would change its data, batch and
     epochs, and its config.yaml with them)."""
     from moe_vae.config.load import parse_overrides
-    from moe_vae.train.checkpoint import load_checkpoint, saved_config
 
     resume = dict(parse_overrides(overrides)).get("train.resume")
     if config is not None or not isinstance(resume, str) or resume == "auto":
         return None
+    from moe_vae.train.checkpoint import load_checkpoint, saved_config
+
     path = Path(resume)
     return saved_config(path, load_checkpoint(path, mmap=True)["config"]).model_dump(mode="json")
 
@@ -377,11 +379,7 @@ def _report(cfg: Any, result: Any) -> None:
 
 
 def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
-    import torch
-
-    from moe_vae.bench.naive import unsupported
-    from moe_vae.bench.profile import format_profile
-    from moe_vae.bench.run import format_table, run_bench
+    from moe_vae.bench.scope import unsupported
     from moe_vae.config.load import config_to_yaml, load_config
 
     cfg = load_config(args.config, overrides)
@@ -392,9 +390,14 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
         raise MoeVaeError(f"{reason}: pass --no-baseline")
     if args.profile < 0:
         raise MoeVaeError(f"--profile {args.profile}: expected 0 (none) or a number of steps")
-    if args.print_config:
+    if args.print_config:  # before torch is imported (the GPU suite's checks run many)
         print(config_to_yaml(cfg), end="")
         return 0
+    import torch
+
+    from moe_vae.bench.profile import format_profile
+    from moe_vae.bench.run import format_table, run_bench
+
     rows, device, profile = run_bench(
         cfg, args.steps, args.warmup, args.repeats, not args.no_baseline, args.profile
     )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_vae.bench.scope import unsupported
 from moe_vae.config.schema import Config
 from moe_vae.model.layers import activation
 
@@ -61,23 +62,6 @@ class NaiveVAE(nn.Module):
             nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
         kl = 0.5 * (var + mu.pow(2) - 1.0 - var.log()).sum(-1)
         return nll + kl
-
-
-def unsupported(cfg: Config) -> str | None:
-    """Why the naive port cannot run this config (None: it can)."""
-    m = cfg.model
-    if cfg.loss.choice_balancing_weight:
-        return "the naive baseline has no choice-balancing term (loss.choice_balancing_weight)"
-    if cfg.data.name != "mnist":  # it reads the embedded MNIST: another dataset is another job
-        return f"the naive baseline trains on MNIST only (data.name={cfg.data.name})"
-    if m.hierarchy:
-        return f"the naive baseline has a flat manager only (model.hierarchy={m.hierarchy})"
-    if m.expert == "mlp" and m.routing == "dense":
-        return None
-    return (
-        "the naive baseline implements dense routing over MLP experts only "
-        f"(model.expert={m.expert}, model.routing={m.routing})"
-    )
 
 
 class NaiveMixture(nn.Module):

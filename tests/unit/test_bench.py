@@ -124,7 +124,7 @@ def test_bench_runs_the_cuda_graph_step_on_sample_indices(tmp_path, monkeypatch)
 def test_the_baseline_refuses_configs_it_would_not_run_alike(extra, reason):
     """The baseline reads the embedded MNIST through a flat, dense mixture: any other workload
     would make the ratio compare two different jobs."""
-    from moe_vae.bench.naive import unsupported
+    from moe_vae.bench.scope import unsupported
 
     assert unsupported(load_config(None, [])) is None
     message = unsupported(load_config(None, extra))
