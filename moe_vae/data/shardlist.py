@@ -49,26 +49,39 @@ def expand(spec: str | list[str]) -> list[str]:
     return [url for s in specs for url in braceexpand.braceexpand(s)]
 
 
-def _manifest_counts(paths: list[Path]) -> tuple[dict[str, int], dict[str, Any]] | None:
-    """Counts from the `*.manifest.json` files beside local shards, if they cover every shard.
-    The metadata returned is that of the manifest listing the first shard."""
+def _covering(
+    manifests: list[tuple[str, Path | str, Any]], keys: list[str]
+) -> tuple[dict[str, int], dict[str, Any]] | None:
+    """Sample counts of `keys` (local paths or URLs) from (source, base, manifest) triples, the
+    shards named relative to `base` (a folder, or a URL's directory), if they cover every key.
+    The metadata returned is that of the manifest listing the first key."""
     counts: dict[str, int] = {}
     meta: dict[str, Any] = {}
+    for source, base, manifest in manifests:
+
+        def where(file: str, base: Path | str = base) -> str:
+            return str(base / file) if isinstance(base, Path) else f"{base}/{file}"
+
+        try:
+            listed = {where(s["file"]): int(s["samples"]) for s in manifest["shards"]}
+        except (ValueError, KeyError, TypeError) as err:
+            raise ShardError(f"manifest {source!r} is unreadable: {err}") from None
+        counts.update(listed)
+        if keys[0] in listed:
+            meta = manifest
+    return (counts, meta) if all(k in counts for k in keys) else None
+
+
+def _manifest_counts(paths: list[Path]) -> tuple[dict[str, int], dict[str, Any]] | None:
+    """Counts from the `*.manifest.json` files beside local shards (see _covering)."""
+    manifests: list[tuple[str, Path | str, Any]] = []
     for folder in sorted({p.parent for p in paths}):
         for mpath in sorted(folder.glob("*.manifest.json")):
             try:
-                manifest = json.loads(mpath.read_text())
-                files = [str(folder / shard["file"]) for shard in manifest["shards"]]
-                counts.update(
-                    zip(files, (int(s["samples"]) for s in manifest["shards"]), strict=True)
-                )
-            except (ValueError, KeyError, TypeError) as err:
+                manifests.append((str(mpath), folder, json.loads(mpath.read_text())))
+            except ValueError as err:
                 raise ShardError(f"manifest {str(mpath)!r} is unreadable: {err}") from None
-            if str(paths[0]) in files:
-                meta = manifest
-    if all(str(p) in counts for p in paths):
-        return counts, meta
-    return None
+    return _covering(manifests, [str(p) for p in paths])
 
 
 # The writer's shard names: <name>-<6 digits>.tar, beside <name>.manifest.json.
@@ -78,9 +91,7 @@ MANIFEST_FETCH_TIMEOUT = 30.0  # seconds per manifest; an unreachable server fai
 
 def _remote_manifest_counts(urls: list[str]) -> tuple[dict[str, int], dict[str, Any]] | None:
     """Counts of http(s) shards from the manifests beside them, named after the writer's shard
-    names; None where a shard is not named so or its manifest is not there (404)."""
-    counts: dict[str, int] = {}
-    meta: dict[str, Any] = {}
+    names (see _covering); None where a shard is not named so or its manifest is not there."""
     groups: dict[str, None] = {}  # manifest URLs, in the shards' order
     for url in urls:
         base, _, file = url.rpartition("/")
@@ -88,24 +99,18 @@ def _remote_manifest_counts(urls: list[str]) -> tuple[dict[str, int], dict[str, 
         if named is None:
             return None
         groups[f"{base}/{named['name']}.manifest.json"] = None
+    manifests: list[tuple[str, Path | str, Any]] = []
     for murl in groups:
         try:
             with urllib.request.urlopen(murl, timeout=MANIFEST_FETCH_TIMEOUT) as response:
-                manifest = json.loads(response.read())
-            base = murl.rpartition("/")[0]
-            files = [f"{base}/{shard['file']}" for shard in manifest["shards"]]
-            counts.update(zip(files, (int(s["samples"]) for s in manifest["shards"]), strict=True))
+                manifests.append((murl, murl.rpartition("/")[0], json.loads(response.read())))
         except urllib.error.HTTPError as err:
             if err.code == 404:
                 return None
             raise ShardError(f"manifest {murl!r} could not be fetched: {err}") from None
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError) as err:
             raise ShardError(f"manifest {murl!r} could not be read: {err}") from None
-        if urls[0] in files:
-            meta = manifest
-    if all(u in counts for u in urls):
-        return counts, meta
-    return None
+    return _covering(manifests, urls)
 
 
 def count_samples(url: str) -> int:
