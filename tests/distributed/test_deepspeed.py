@@ -28,12 +28,18 @@ REPO = HERE.parents[1]
 BIN = Path(sys.prefix) / "bin"
 TIMEOUT = 1500  # the first launch may compile DeepSpeed's CPU comm op: minutes on 2 busy cores
 pytestmark = pytest.mark.timeout(3000)
+TRAIN_TINY = ("train", "--config", "configs/tiny.yaml")  # moe-vae's arguments: the tiny recipe
 
 
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The command line's error lines (each rank's, if several said one)."""
+    return [line for line in stderr.splitlines() if line.startswith("moe-vae: error:")]
 
 
 def start_deepspeed(n: int, script: str, *args: str, port: int | None = None) -> subprocess.Popen:
@@ -122,9 +128,7 @@ def test_train_cli_checkpoint_and_reshard(tmp_path):
     proc = deepspeed(
         2,
         str(BIN / "moe-vae"),
-        "train",
-        "--config",
-        "configs/tiny.yaml",
+        *TRAIN_TINY,
         f"--output.dir={tmp_path}",
         "--output.name=r",
         "--train.batch_size=100",
@@ -162,9 +166,7 @@ def test_train_cli_checkpoint_and_reshard(tmp_path):
     proc = deepspeed(
         4,
         str(BIN / "moe-vae"),
-        "train",
-        "--config",
-        "configs/tiny.yaml",
+        *TRAIN_TINY,
         f"--output.dir={tmp_path}",
         "--output.name=r",
         "--train.batch_size=100",
@@ -202,9 +204,7 @@ def test_bf16_resume_keeps_the_fp32_master_weights(tmp_path, knobs):
     ds_json = tmp_path / f"{knobs}.json"
     ds_json.write_text(json.dumps(BF16_WRAPPERS[knobs]))
     common = [
-        "train",
-        "--config",
-        "configs/tiny.yaml",
+        *TRAIN_TINY,
         f"--output.dir={tmp_path}",
         "--train.batch_size=100",
         "--train.precision=bf16",
@@ -287,9 +287,7 @@ def test_fp16_loss_scaler_finds_its_level_and_resumes_exactly(tmp_path):
         )
     )
     common = [
-        "train",
-        "--config",
-        "configs/tiny.yaml",
+        *TRAIN_TINY,
         f"--output.dir={tmp_path}",
         "--output.name=whole",
         "--train.batch_size=100",
@@ -349,9 +347,7 @@ def test_a_failing_rank_ends_the_job(tmp_path):
     proc = deepspeed(
         2,
         str(BIN / "moe-vae"),
-        "train",
-        "--config",
-        "configs/tiny.yaml",
+        *TRAIN_TINY,
         "--data.name=shards",
         f"--data.train_shards={pattern}",
         "--data.train_limit=null",
@@ -366,7 +362,7 @@ def test_a_failing_rank_ends_the_job(tmp_path):
     assert time.monotonic() - t0 < 240
     # One line from the rank that met the bad data, one from the rank whose peer went away;
     # no traceback of a collective that lost its peer.
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("moe-vae: error:")]
+    errors = error_lines(proc.stderr)
     assert len(errors) == 2, proc.stderr[-3000:]
     bad_data = [e for e in errors if "data.max_bad_fraction" in e]
     assert len(bad_data) == 1 and bad_data[0].startswith("moe-vae: error: rank "), errors
@@ -395,16 +391,14 @@ def test_bad_input_of_a_job_is_one_line(tmp_path, case):
     proc = deepspeed(
         2,
         str(BIN / "moe-vae"),
-        "train",
-        "--config",
-        "configs/tiny.yaml",
+        *TRAIN_TINY,
         f"--output.dir={tmp_path}",
         "--track.wandb=disabled",
         *extra,
         timeout=300,
     )
     assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("moe-vae: error:")]
+    errors = error_lines(proc.stderr)
     assert len(errors) == 1, proc.stderr[-3000:]
     assert {
         "run-dir-taken": "already holds outputs",
@@ -442,9 +436,7 @@ def test_one_bad_sample_does_not_stop_a_streamed_two_rank_run(tmp_path):
     proc = deepspeed(
         2,
         str(BIN / "moe-vae"),
-        "train",
-        "--config",
-        "configs/tiny.yaml",
+        *TRAIN_TINY,
         "--data.name=shards",
         f"--data.train_shards={tmp_path}/d-{{000000..000003}}.tar",
         "--data.test_shards=null",
@@ -499,9 +491,7 @@ def test_two_rank_stop_and_resume_matches_uninterrupted(tmp_path, zero, sig):
     weights match the uninterrupted run (model, ZeRO's fp32 master weights, Adam state by
     parameter and every rank's RNG are restored). Stated tolerance for 2 processes: 1e-6."""
     common = [
-        "train",
-        "--config",
-        "configs/tiny.yaml",
+        *TRAIN_TINY,
         f"--output.dir={tmp_path}",
         "--train.log_every=1",
         "--train.checkpoint_every=4",
@@ -566,15 +556,13 @@ def test_an_error_of_rank_1_alone_is_not_lost(tmp_path):
     proc = deepspeed(
         2,
         str(HERE / "rank_error_worker.py"),
-        "train",
-        "--config",
-        "configs/tiny.yaml",
+        *TRAIN_TINY,
         f"--output.dir={tmp_path}",
         "--track.wandb=disabled",
         timeout=300,
     )
     assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("moe-vae: error:")]
+    errors = error_lines(proc.stderr)
     assert errors == ["moe-vae: error: rank 1: only rank 1 met this"], proc.stderr[-3000:]
 
 
@@ -585,9 +573,7 @@ def test_deepspeed_engine_in_one_process_without_a_launcher(tmp_path):
     proc = subprocess.run(
         [
             str(BIN / "moe-vae"),
-            "train",
-            "--config",
-            "configs/tiny.yaml",
+            *TRAIN_TINY,
             "--parallel.engine=deepspeed",
             "--train.max_steps=2",
             "--track.wandb=disabled",
