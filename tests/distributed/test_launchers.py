@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_deepspeed import _port
 
 from moe_vae.config import load_config
@@ -197,6 +198,47 @@ def test_slurm_script_passes_overrides_as_typed(tmp_path):
     ]
     ignored = int((tmp_path / "ignored").read_text(), 16)
     assert ignored & (1 << (signal.SIGTERM - 1)), "SIGTERM would end the per-node launcher"
+
+
+@pytest.mark.parametrize(
+    "gpu_env, slots",
+    [({"SLURM_GPUS_ON_NODE": "2"}, 2), ({"SLURM_GPUS_PER_NODE": "gpu:h100:8"}, 8), ({}, None)],
+)
+def test_slurm_script_counts_gpus_per_node(tmp_path, gpu_env, slots):
+    """The hostfile's slots come from --gpus-per-node (SLURM_GPUS_PER_NODE, perhaps typed) or,
+    in a --gres=gpu:N job, SLURM_GPUS_ON_NODE; with neither the script stops with one line
+    before anything is launched, where it used to assume 8 GPUs a node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "srun", 'while [[ $1 == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"')
+    _stub(bin_dir, "scontrol", "printf 'node-001\\nnode-002\\n'")
+    _stub(bin_dir, "moe-vae", "exit 1")
+    _stub(bin_dir, "deepspeed", f'printf "%s\\n" "$@" > "{tmp_path}/argv"')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_GPUS")}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="node-[001-002]",
+        SLURM_NNODES="2",
+        MOE_VAE_LAUNCH_DIR=str(tmp_path / "launch"),
+        **gpu_env,
+    )
+    proc = subprocess.run(
+        ["bash", "launch/slurm_deepspeed.sbatch", "configs/tiny.yaml"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if slots is None:
+        assert proc.returncode == 2 and not (tmp_path / "argv").exists()
+        assert "--gpus-per-node=N or --gres=gpu:N" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert Path(argv[1]).read_text() == f"node-001 slots={slots}\nnode-002 slots={slots}\n"
+    assert argv[argv.index("--num_gpus") + 1] == str(slots)
 
 
 def test_slurm_script_trains_on_two_nodes(tmp_path):
