@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from moe_vae.data.records import BadSampleCounter, Chunk, RecordDecoder
-from moe_vae.data.shardlist import ShardError
+from moe_vae.data.shardlist import ShardError, http_status
 
 
 @dataclass
@@ -118,7 +118,8 @@ def read_shards(
                 counter.add("missing_samples", missing)
         failed_in_row = 0 if good else failed_in_row + 1
         if max_failed_in_row is not None and failed_in_row >= max_failed_in_row:
-            why = counter.last_error or ", ".join(f"{k} {v}" for k, v in counter.counts.items())
+            why = http_status(url) or counter.last_error
+            why = why or ", ".join(f"{k} {v}" for k, v in counter.counts.items())
             raise ShardError(
                 f"{failed_in_row} shards in a row gave no usable sample, the last {url!r} "
                 f"({why or 'no samples'}): expected readable shards; is the server up?"

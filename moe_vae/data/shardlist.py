@@ -113,6 +113,25 @@ def _remote_manifest_counts(urls: list[str]) -> tuple[dict[str, int], dict[str, 
     return _covering(manifests, urls)
 
 
+def http_status(url: str) -> str | None:
+    """What the server says to an http(s) shard that read as empty: curl (webdataset's opener)
+    is run silent, so the tar reader reports only "empty file". One request for the first
+    byte; None where it succeeds or the URL is not http(s)."""
+    if not url.startswith(("http://", "https://")):
+        return None
+    request = urllib.request.Request(url, headers={"Range": "bytes=0-0"})
+    try:
+        with urllib.request.urlopen(request, timeout=MANIFEST_FETCH_TIMEOUT) as response:
+            response.read(1)
+    except urllib.error.HTTPError as err:
+        return f"HTTP {err.code} {err.reason}"
+    except urllib.error.URLError as err:
+        return str(err.reason)
+    except OSError as err:
+        return str(err)
+    return None
+
+
 def count_samples(url: str) -> int:
     """Samples in one shard, by reading it (decoding only batched records' key lists)."""
     import webdataset as wds
@@ -188,5 +207,8 @@ def preflight(shards: ShardSet) -> tuple[int, int, int]:
         raise ShardError(f"first shard {url!r} is unreadable: {err}") from None
     if first is None:
         reasons = ", ".join(f"{k}: {v}" for k, v in counter.counts.items()) or "no samples"
+        status = http_status(url)
+        if status is not None:
+            raise ShardError(f"first shard {url!r} could not be fetched: {status}")
         raise ShardError(f"first shard {url!r} has no usable sample ({reasons})")
     return first.images.shape[1:]  # type: ignore[return-value]
