@@ -7,7 +7,7 @@ metric computed, or after the shards' input is read.
 
 from __future__ import annotations
 
-import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,11 +42,26 @@ def check_out_dir(path: Path, flag: str = "--out") -> None:
     _check_directory(existing, path, flag)
 
 
+def why_not_writable(directory: Path) -> str | None:
+    """Why no file can be created in `directory`, found by creating (and at once dropping) a
+    nameless temporary one; None where that works. Permission bits would not tell: root
+    passes os.access everywhere, yet an NFS export that squashes root, or /proc, refuses it."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
 def _check_directory(directory: Path, path: Path, flag: str) -> None:
     if not directory.is_dir():
         raise MoeVaeError(f"{flag} {str(path)!r}: {str(directory)!r} is not a directory")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise MoeVaeError(f"{flag} {str(path)!r}: directory {str(directory)!r} is not writable")
+    reason = why_not_writable(directory)
+    if reason is not None:
+        raise MoeVaeError(
+            f"{flag} {str(path)!r}: directory {str(directory)!r} is not writable ({reason})"
+        )
 
 
 @contextmanager

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
 
 from moe_vae.config.schema import OutputConfig
 from moe_vae.errors import MoeVaeError
+from moe_vae.outpaths import why_not_writable
 
 # Files every run directory gets at its start: what marks a directory as a run's.
 RUN_MARKS = ("config.yaml", "metrics.jsonl")
@@ -30,9 +30,11 @@ def check_output_dir(cfg: OutputConfig) -> None:
             f"output.dir {str(out)!r} cannot hold run directories: {str(existing)!r} is not "
             f"a directory"
         )
-    if not os.access(existing, os.W_OK):
+    reason = why_not_writable(existing)
+    if reason is not None:
         raise RunDirError(
-            f"output.dir {str(out)!r} cannot be created: {str(existing)!r} is read-only"
+            f"output.dir {str(out)!r} cannot be created: {str(existing)!r} is not writable "
+            f"({reason})"
         )
 
 
@@ -59,6 +61,7 @@ def prepare_run_dir(cfg: OutputConfig, default_name: str = "run") -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunDirError(f"cannot create run directory {str(run_dir)!r}: {err.strerror}") from None
-    if not os.access(run_dir, os.W_OK):
-        raise RunDirError(f"run directory {str(run_dir)!r} is not writable")
+    reason = why_not_writable(run_dir)
+    if reason is not None:
+        raise RunDirError(f"run directory {str(run_dir)!r} is not writable ({reason})")
     return run_dir

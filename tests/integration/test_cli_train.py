@@ -13,6 +13,8 @@ import matplotlib.image as mpimg
 import pytest
 
 from moe_vae.config import load_config
+from moe_vae.config.schema import OutputConfig
+from moe_vae.train.run_dir import RunDirError, check_output_dir
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)
@@ -241,6 +243,13 @@ def test_unwritable_output_directory_is_one_clear_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "output.dir" in proc.stderr and f"{str(blocker)!r} is not a directory" in proc.stderr
     assert blocker.read_text() == "not a directory\n"
+
+
+def test_output_directory_under_a_file_system_that_refuses_files():
+    """/proc takes no new files even from root, whom the permission bits let through: the
+    check creates one, so output.dir there is refused before any work, naming the reason."""
+    with pytest.raises(RunDirError, match=r"output.dir '/proc/runs' cannot be created: '/proc' "):
+        check_output_dir(OutputConfig(dir="/proc/runs"))
 
 
 @pytest.mark.parametrize("where", ["data.cache_dir", "MOE_VAE_CACHE", "/proc"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +15,7 @@ from test_cli_train import REPO, run_cli
 from moe_vae import cli
 from moe_vae.config import load_config
 from moe_vae.evaluate.load import load_trained
+from moe_vae.outpaths import why_not_writable
 from moe_vae.train import train
 
 
@@ -217,16 +218,26 @@ def test_bad_out_is_one_line_before_any_work(run_dir, tmp_path, capsys, args, ex
     assert (tmp_path / "FILE").read_text() == "keep me"
 
 
+def test_out_in_a_directory_that_refuses_files_is_refused_up_front(run_dir, capsys):
+    """/proc takes no new files, even from root, whom permission bits (os.access) let
+    through: the check creates a file there, so it refuses before any work."""
+    code = cli.main(["eval", "--checkpoint", str(run_dir), "--out", "/proc/m.json"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
+    assert "--out '/proc/m.json': directory '/proc' is not writable (" in stderr
+
+
 @pytest.mark.skipif(
-    not os.access("/proc", os.W_OK), reason="needs Linux's /proc, as root (else refused up front)"
+    why_not_writable(Path("/dev")) is not None, reason="/dev takes files only from root"
 )
-def test_out_that_cannot_be_written_keeps_the_metrics(run_dir):
-    """A directory that refuses the file (/proc: no regular files there) passes the checks made
-    up front; writing is then one line, and eval's metrics are on stdout all the same."""
-    proc = run_cli("eval", "--checkpoint", str(run_dir), "--limit", "50", "--out", "/proc/m.json")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "--out '/proc/m.json'" in proc.stderr
-    assert json.loads(proc.stdout)["num_samples"] == 50
+def test_out_that_cannot_be_written_keeps_the_metrics(run_dir, capsys):
+    """What no check foresees (a full device: /dev/full refuses every write) is one line
+    naming --out, and eval's metrics are on stdout all the same."""
+    code = cli.main(["eval", "--checkpoint", str(run_dir), "--limit", "50", "--out", "/dev/full"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 2 and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert "--out '/dev/full': cannot write it: No space left on device" in stderr
+    assert json.loads(stdout)["num_samples"] == 50
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal where there is no GPU")
