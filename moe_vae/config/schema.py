@@ -203,7 +203,8 @@ class TrainConfig(Section):
     # When the host reads the device's results. step: every step (a skipped non-finite step is
     # known at once). log: only at logged steps and epoch ends, so a step never waits for the
     # device: a non-finite step is skipped inside the fused Adam kernel and reported, and
-    # max_nonfinite_in_row checked, at the next logged step. One process, plain engine, fused Adam.
+    # max_nonfinite_in_row checked (against the longest run in a row since the last read), at
+    # the next logged step. One process, plain engine, fused Adam.
     host_sync: Literal["step", "log"] = "step"
     # The whole step (batch gather, forward, backward, finite check, Adam, the epoch's sums)
     # recorded once as a CUDA graph and replayed: one launch per step. Needs host_sync=log,

@@ -200,7 +200,9 @@ class Trainer:
                 "train.host_sync=log needs one process with the plain engine and "
                 "optim.impl=fused (the fused Adam kernel is what skips a non-finite step)"
             )
-        self.skips_dev = torch.zeros(2, device=self.device)  # host_sync=log: [skipped, in a row]
+        # host_sync=log: [skipped, in a row now, longest run in a row since the host last read
+        # them]: a run that ended between two reads would be gone from "now".
+        self.skips_dev = torch.zeros(3, device=self.device)
         self.step_graph: StepGraph | None = None
         if cfg.train.cuda_graph:
             if not isinstance(self.data.train, InMemoryLoader):
@@ -372,7 +374,7 @@ class Trainer:
         self.nonfinite_in_row = in_row if in_row < self.cfg.train.max_nonfinite_in_row else 0
         self.loss_scale_skips = skipped.get("loss_scale", 0)
         # host_sync=log counts on the device, reconciled against nonfinite_total
-        self.skips_dev.copy_(torch.tensor([self.nonfinite_total, self.nonfinite_in_row]))
+        self.skips_dev.copy_(torch.tensor([self.nonfinite_total, *[self.nonfinite_in_row] * 2]))
         self.step, self.epoch = ckpt["step"], ckpt["data"]["epoch"]
         self.batches_done = ckpt["data"]["batches_done"]
         self._check_data_order(ckpt["data"].get("order"))
@@ -659,6 +661,7 @@ class Trainer:
         self.optim.step()
         self.skips_dev[0] += bad
         self.skips_dev[1] = (self.skips_dev[1] + 1) * bad
+        self.skips_dev[2] = torch.maximum(self.skips_dev[2], self.skips_dev[1])
         terms.applied = 1.0 - bad
         return self._usage(terms), True, self.stop_signal is not None
 
@@ -667,24 +670,33 @@ class Trainer:
         the skipped steps, and stop after max_nonfinite_in_row in a row."""
         if not self.deferred:
             return
-        total, in_row = (int(v) for v in self.skips_dev.tolist())
+        total, in_row, longest = (int(v) for v in self.skips_dev.tolist())
+        self.skips_dev[2] = self.skips_dev[1]  # the next read's longest run starts from now
         if total > self.nonfinite_total:  # reconciled every epoch: all in this epoch
-            self._record_skips(total - self.nonfinite_total, in_row)
+            self._record_skips(total - self.nonfinite_total, in_row, longest)
 
-    def _record_skips(self, new: int, in_row: int) -> None:
-        """`new` skipped steps, the last `in_row` steps skipped in a row: counted, logged and
-        left out of the epoch's averages; max_nonfinite_in_row in a row stop the run with the
-        last good state saved."""
+    def _record_skips(self, new: int, in_row: int, longest: int | None = None) -> None:
+        """`new` skipped steps, the last `in_row` steps skipped in a row, the longest run in a
+        row among them `longest` (host_sync=log, which reads them late; else in_row):
+        counted, logged and left out of the epoch's averages; max_nonfinite_in_row in a row
+        stop the run with the last good state saved."""
+        longest = in_row if longest is None else longest
         self.nonfinite_total += new
         self.nonfinite_in_row = in_row
         self.epoch_steps -= new
         self._log(
-            {"step": self.step, "event": "nonfinite_step_skipped", "count": new, "in_row": in_row}
+            {
+                "step": self.step,
+                "event": "nonfinite_step_skipped",
+                "count": new,
+                "in_row": in_row,
+                "longest_in_row": longest,
+            }
         )
-        if in_row >= self.cfg.train.max_nonfinite_in_row:
+        if longest >= self.cfg.train.max_nonfinite_in_row:
             self.save_checkpoint()
             raise Stopped(
-                f"{in_row} steps in a row had a non-finite loss or gradient "
+                f"{longest} steps in a row had a non-finite loss or gradient "
                 f"(train.max_nonfinite_in_row); the last good state is in "
                 f"{self.run_dir / 'checkpoint.pt'}: lower optim.lr or check the data"
             )

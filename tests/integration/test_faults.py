@@ -262,5 +262,22 @@ def test_host_sync_log_stops_at_a_logged_step_and_needs_fused_adam(tmp_path, mon
     ckpt = torch.load(tmp_path / "n" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 10
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    # A run of 4 that ended (steps 2-5) before the host reads the counters (step 8): the
+    # longest run since the last read stops it, not only the run still going on.
+    cfg = _cfg(
+        tmp_path / "ended",
+        "--train.host_sync=log",
+        "--train.log_every=8",
+        "--train.max_nonfinite_in_row=3",
+    )
+    trainer = Trainer(cfg, quiet=True)
+    _nan_at(trainer, {2, 3, 4, 5})
+    with pytest.raises(Stopped, match=r"^4 steps in a row had a non-finite loss"):
+        trainer.fit()
+    events = read_jsonl(tmp_path / "ended" / "n" / "metrics.jsonl")
+    skipped = [r for r in events if r.get("event") == "nonfinite_step_skipped"]
+    assert [(r["step"], r["count"], r["in_row"], r["longest_in_row"]) for r in skipped] == [
+        (8, 4, 0, 4)
+    ]
     with pytest.raises(MoeVaeError, match=r"optim\.impl=fused"):
         Trainer(_cfg(tmp_path, "--train.host_sync=log", "--optim.impl=foreach"), quiet=True)
