@@ -7,11 +7,14 @@ config and image shape in their metadata). Every problem is a CheckpointError na
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
 from moe_vae.config.schema import Config
+from moe_vae.errors import MoeVaeError
+from moe_vae.model.grouped import check_grouped_device
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.train.checkpoint import (
     CheckpointError,
@@ -53,6 +56,21 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], str, list[int]]:
     return ckpt["model"], ckpt["config"], ckpt.get("image_shape", [1, 28, 28])
 
 
+def _layout_for(cfg: Config, device: str) -> Config:
+    """The config to evaluate with on `device`: a grouped-GEMM model with more experts than
+    CUDA's grouped kernel takes (trained on a CPU, say) runs in the batched layout there, which
+    holds the same weights and computes the same losses."""
+    if cfg.model.expert_gemm != "grouped":
+        return cfg
+    try:
+        check_grouped_device(cfg.model.num_experts, torch.device(device))
+    except MoeVaeError as err:
+        warnings.warn(f"{err}; evaluating in the batched layout instead", stacklevel=3)
+        model = cfg.model.model_copy(update={"expert_gemm": "batched"})
+        return cfg.model_copy(update={"model": model})
+    return cfg
+
+
 def load_trained(
     path: str | Path, expect: Config | None = None, device: str = "cpu"
 ) -> tuple[MixtureOfVAEs, Config]:
@@ -64,7 +82,7 @@ def load_trained(
     cfg = saved_config(file, config_yaml)
     if expect is not None:
         check_same_model(file, cfg.model, expect.model)
-    model = MixtureOfVAEs(cfg.model, tuple(shape))  # type: ignore[arg-type]
+    model = MixtureOfVAEs(_layout_for(cfg, device).model, tuple(shape))  # type: ignore[arg-type]
     # In the dtype the weights were trained in (bf16 under train.precision=bf16-true), so that
     # an evaluation here computes what the trainer's own did.
     stored = {w.dtype for w in weights.values() if w.is_floating_point()}

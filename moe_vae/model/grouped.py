@@ -16,10 +16,18 @@ losses unused, so zero gradient).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from moe_vae.errors import MoeVaeError
+
+# CUDA's grouped kernel (CUTLASS, Hopper and Blackwell) takes fewer than 1024 groups in one
+# call: it prepares them in one thread block, a thread per group (ATen GroupMM.cu checks
+# "Can't process more than 1024 groups"). One group per expert, so at most this many experts.
+CUDA_MAX_GROUPS = 1023
 
 
 @dataclass
@@ -104,3 +112,24 @@ def grouped_linear(
         w = F.pad(w, (0, pad_o, 0, pad_i))
     out_RO = torch._grouped_mm(h.contiguous(), w.contiguous(), offs=groups.offs_E)
     return out_RO[:, :O].to(h_RI.dtype) + b_EO[groups.expert_R]
+
+
+def check_grouped_device(num_experts: int, device: torch.device) -> None:
+    """expert_gemm=grouped on `device`, before any work: more experts than CUDA's kernel takes
+    groups is one error; a GPU without that kernel (before Hopper) is a warning, since torch's
+    fallback loops over the groups reading their sizes back, a host sync in every layer."""
+    if device.type != "cuda":
+        return  # the CPU's grouped GEMM loops over any number of groups
+    if num_experts > CUDA_MAX_GROUPS:
+        raise MoeVaeError(
+            f"model.expert_gemm=grouped: {num_experts} experts on one GPU, but CUDA's grouped "
+            f"GEMM takes at most {CUDA_MAX_GROUPS} groups (one per expert): use "
+            f"model.expert_gemm: batched"
+        )
+    if torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] < 9:
+        warnings.warn(
+            "model.expert_gemm=grouped on a GPU before Hopper (compute capability < 9.0): "
+            "torch's fallback reads each group's size back to the host in every layer; "
+            "model.expert_gemm: batched avoids those syncs",
+            stacklevel=2,
+        )

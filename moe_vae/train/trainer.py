@@ -31,6 +31,7 @@ from moe_vae.data.build import build_data, ensure_mnist_shards
 from moe_vae.data.loaders import InMemoryLoader, loader_state, order_changes
 from moe_vae.errors import MoeVaeError
 from moe_vae.evaluate.evaluator import evaluate, to_inputs
+from moe_vae.model.grouped import check_grouped_device
 from moe_vae.model.losses import LossTerms, objective
 from moe_vae.model.mixture import MixtureOfVAEs, Routed
 from moe_vae.optim import build_adam, nonfinite_flag
@@ -130,6 +131,8 @@ class Trainer:
         self.device = self.par.info.device
         self.quiet = quiet or not self.par.is_main
         check_batch_split(cfg.train.batch_size, world)  # before any data is read or written
+        if cfg.model.expert_gemm == "grouped":
+            check_grouped_device(cfg.model.num_experts, self.device)
         if self.par.is_main:
             check_output_dir(cfg.output)
         seed_everything(cfg.train.seed)

@@ -4,9 +4,17 @@ and gradients as the capacity-padded batched matmul."""
 import pytest
 import torch
 
+from moe_vae.config import load_config
 from moe_vae.config.schema import LossConfig, ModelConfig
+from moe_vae.errors import MoeVaeError
+from moe_vae.evaluate.load import _layout_for
 from moe_vae.model.dispatch import plan_slots
-from moe_vae.model.grouped import alignment, pack_grouped, unpack_grouped
+from moe_vae.model.grouped import (
+    alignment,
+    check_grouped_device,
+    pack_grouped,
+    unpack_grouped,
+)
 from moe_vae.model.losses import objective
 from moe_vae.model.mixture import MixtureOfVAEs
 
@@ -130,3 +138,27 @@ def test_grouped_needs_topk_mlp_experts():
         ModelConfig(expert_gemm="grouped")
     with pytest.raises(ValueError, match="expert conv"):
         ModelConfig(expert_gemm="grouped", routing="topk", expert="conv")
+
+
+def test_more_experts_than_cuda_groups_is_refused_on_a_gpu_only():
+    """CUDA's grouped GEMM takes fewer than 1024 groups (one per expert): refused before any
+    work on a GPU; the CPU's loop takes any number."""
+    check_grouped_device(4096, torch.device("cpu"))
+    with pytest.raises(MoeVaeError, match=r"1024 experts on one GPU.* at most 1023 groups"):
+        check_grouped_device(1024, torch.device("cuda"))
+    if not torch.cuda.is_available():  # no capability to look up: nothing more to say
+        check_grouped_device(1023, torch.device("cuda"))
+
+
+def test_a_grouped_model_too_large_for_cuda_evaluates_batched_there():
+    cfg = load_config(
+        "configs/tiny.yaml",
+        ["--model.routing=topk", "--model.expert_gemm=grouped", "--model.num_experts=1024"],
+    )
+    assert _layout_for(cfg, "cpu") is cfg
+    with pytest.warns(UserWarning, match=r"evaluating in the batched layout instead"):
+        on_gpu = _layout_for(cfg, "cuda")
+    assert on_gpu.model.expert_gemm == "batched"
+    assert on_gpu.model.model_dump(exclude={"expert_gemm"}) == cfg.model.model_dump(
+        exclude={"expert_gemm"}
+    )
