@@ -3,7 +3,7 @@
 #   make test    create .venv, install moe-vae[dev], run ruff, mypy and pytest
 #
 # Knobs: TORCH (the torch requirement installed first, so pip keeps that build: use e.g.
-# TORCH="torch --index-url https://download.pytorch.org/whl/cu124" for a CUDA build),
+# TORCH="torch --index-url https://download.pytorch.org/whl/cu128" for a CUDA build),
 # CONFIG (the recipe to train), ARGS (dotted overrides, e.g. ARGS="--train.epochs=10"),
 # PYTEST_ARGS (extra pytest arguments).
 

@@ -128,9 +128,11 @@ class InMemoryLoader:
         }
 
     def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
-        for idx in self.epoch_plan(epoch)[skip:]:
-            # Keys are looked up by the CPU copy of the indices: no device sync.
-            dev_idx = idx.to(self.images.device, non_blocking=True)
+        plan = self.epoch_plan(epoch)[skip:]
+        # One copy of the epoch's indices to the device, not one per step: a copy from
+        # pageable host memory may wait for the device even when asked not to block.
+        # Keys are looked up by the CPU copy: no device sync.
+        for idx, dev_idx in zip(plan, plan.to(self.images.device), strict=True):
             keys = self.keys[idx.numpy()].tolist()
             yield Batch(self.images[dev_idx], self.labels[dev_idx], keys, index=dev_idx)
 

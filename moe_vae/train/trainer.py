@@ -610,6 +610,11 @@ class Trainer:
         Returns (terms, finite, stop requested)."""
         cfg = self.cfg
         fp16 = self.engine is not None and cfg.train.precision == "fp16"
+        if self.engine is None:
+            # Before the forward: the last step's gradients are freed before this step's
+            # activations exist (a lower peak), and under compile's reduce-overhead no output
+            # of the last recorded backward is still alive when the next forward replays.
+            self.optim.zero_grad(set_to_none=True)
         # Autocast's cache of bf16 weights would outlive a recorded step: off under cuda_graph.
         with torch.autocast(
             self.device.type,
@@ -634,7 +639,6 @@ class Trainer:
         if self.engine is not None:  # DeepSpeed reduces gradients (experts over their group)
             self.engine.backward(terms.total)
         else:
-            self.optim.zero_grad(set_to_none=True)
             terms.total.backward()
         # One flag tensor, reduced once: [bad on any rank, stop asked on any rank].
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

@@ -1,5 +1,6 @@
 """docker/Dockerfile, checked with the official Dockerfile parser (CI has no Docker engine)."""
 
+import re
 from pathlib import Path
 
 import dockerfile
@@ -32,3 +33,13 @@ def test_dockerfile_parses_and_has_what_a_cluster_image_needs():
                 if not src.startswith("--"):
                     assert (REPO / src).exists(), src
     assert names[-1] == "CMD"
+
+
+def test_the_image_installs_a_torch_for_its_cuda():
+    """The torch wheel index's CUDA version is the base image's (cu128 for 12.8.x): DeepSpeed
+    builds its ops with the image's nvcc and checks it against the CUDA torch was built with."""
+    cmds = dockerfile.parse_file(str(REPO / "docker" / "Dockerfile"))
+    args = dict(c.value[0].split("=", 1) for c in cmds if c.cmd.upper() == "ARG")
+    major, minor = re.search(r"nvidia/cuda:(\d+)\.(\d+)\.", args["BASE"]).groups()  # type: ignore[union-attr]
+    index = re.search(r"download\.pytorch\.org/whl/cu(\d+)", args["TORCH"])
+    assert index is not None and index[1] == f"{major}{minor}", (args["BASE"], args["TORCH"])
