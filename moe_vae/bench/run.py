@@ -119,7 +119,9 @@ def naive(cfg: Config, device: torch.device) -> Contender:
     )
     torch.manual_seed(cfg.train.seed)
     model = NaiveMixture(cfg, x.shape[1]).to(device)
-    o = cfg.optim  # the same Adam as ours, in torch's default (per-tensor) implementation
+    # The same Adam as ours, in torch's default implementation (foreach on CUDA, per-tensor on
+    # CPU), as a plain port would use it.
+    o = cfg.optim
     optim = torch.optim.Adam(
         model.parameters(),
         lr=o.lr,
