@@ -154,7 +154,13 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
             )
             p.add_argument("--shards", help="score these shards instead (path, pattern or URL)")
             p.add_argument("--limit", type=_positive, help="only the first N inputs")
-            p.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
+            # The run's own seed by default, so that eval reproduces its eval.json.
+            p.add_argument(
+                "--seed",
+                type=int,
+                help="seed of the latent noise (default: the checkpoint's train.seed, as the "
+                "run's own evaluation)",
+            )
         if name == "eval":
             p.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
         if name in ("assign", "score"):
@@ -216,15 +222,16 @@ def _use(args: argparse.Namespace) -> int:
         return 0
     # The inputs stay on the host: evaluation and per_input move one batch at a time.
     images, labels, keys = c.input_set(cfg, args.split, args.shards, args.limit, model.image_shape)
+    seed = cfg.train.seed if args.seed is None else args.seed
     if args.command == "eval":
-        metrics = c.run_eval(model, cfg, images, labels, args.seed)
+        metrics = c.run_eval(model, cfg, images, labels, seed)
         text = json.dumps(metrics, indent=2)
         print(text)  # first: should the file fail after all, the metrics are not lost
         if args.out:
             with writing(args.out):
                 args.out.write_text(text)
         return 0
-    probs, nll = c.per_input(model, cfg, images, args.seed)
+    probs, nll = c.per_input(model, cfg, images, seed)
     columns: dict[str, Any] = {"key": keys, "label": labels.tolist()}
     if args.command == "assign":
         import torch
