@@ -97,7 +97,8 @@ USE_EPILOGS = {
   moe-vae sample --checkpoint runs/r --expert 3 --n 64 --out three.png
   moe-vae sample --checkpoint runs/r --mixture --n 100 --out mix.npy
 --mixture draws each image's expert from the experts' share of the manager's probability on the
-training data (the last epoch in the checkpoint; uniform for a bare .safetensors).
+training data in the last epoch, kept in the checkpoint and in the metadata of model.safetensors
+and of exports (uniform for a .safetensors without it: an export of an older moe-vae).
 """,
     "assign": """examples:
   moe-vae assign --checkpoint runs/r --out clusters.csv
@@ -111,8 +112,8 @@ Columns: key, label, nll = -log sum_i p_i(x) exp(-L_i(x)) (higher = more anomalo
 """,
     "export": """examples:
   moe-vae export --checkpoint runs/r/checkpoint.pt --out mixture.safetensors
-The file holds every expert (consolidated), with the config and image shape in its metadata:
-load it with moe_vae.evaluate.load.load_trained, without DeepSpeed.
+The file holds every expert (consolidated), with the config, image shape and mixing weights in
+its metadata: load it with moe_vae.evaluate.load.load_trained, without DeepSpeed.
 """,
 }
 
@@ -198,7 +199,7 @@ def _check_device(name: str) -> None:
 def _use(args: argparse.Namespace) -> int:
     from moe_vae import commands as c
     from moe_vae.config.load import load_config
-    from moe_vae.evaluate.load import load_trained
+    from moe_vae.evaluate.load import load_trained, stored_prior
     from moe_vae.outpaths import writing
 
     _check_device(args.device)
@@ -207,7 +208,7 @@ def _use(args: argparse.Namespace) -> int:
     model, cfg = load_trained(args.checkpoint, expect, args.device)
     if args.command == "export":
         with writing(args.out):
-            c.run_export(model, cfg, args.out)
+            c.run_export(model, cfg, args.out, stored_prior(args.checkpoint))
         print(f"wrote {args.out}")
         return 0
     if args.command == "sample":

@@ -149,6 +149,59 @@ def test_score_ranks_a_foreign_input_above_digits(run_dir, tmp_path):
     assert np.median(nll_inverted) > np.median(nll_digits)
 
 
+def test_mixture_samples_from_a_safetensors_file_are_the_checkpoints(run_dir, tmp_path, capsys):
+    """The last epoch's mixing weights travel in the metadata of an export and of the run's
+    model.safetensors: --mixture draws the same experts, so the same images, from any of the
+    three files (from a .safetensors it drew from a uniform prior)."""
+    from safetensors import safe_open
+
+    from moe_vae.train.checkpoint import load_checkpoint
+
+    exported = tmp_path / "mix.safetensors"
+    assert cli.main(["export", "--checkpoint", str(run_dir), "--out", str(exported)]) == 0
+    prior = load_checkpoint(run_dir / "checkpoint.pt")["epochs"][-1]["experts/importance"]
+    assert not np.allclose(prior, 0.25)  # else a uniform prior would pass
+    files = {
+        "pt": run_dir / "checkpoint.pt",
+        "export": exported,
+        "run": run_dir / "model.safetensors",
+    }
+    images = {}
+    for name, path in files.items():
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                assert json.loads(f.metadata()["expert_prior"]) == prior, name
+        out = tmp_path / f"{name}.npy"
+        command = ["sample", "--checkpoint", str(path), "--mixture", "--n", "40", "--seed", "3"]
+        assert cli.main([*command, "--out", str(out)]) == 0
+        images[name] = np.load(out)
+    capsys.readouterr()
+    np.testing.assert_array_equal(images["export"], images["pt"])
+    np.testing.assert_array_equal(images["run"], images["pt"])
+
+
+def test_a_safetensors_file_without_mixing_weights(run_dir, tmp_path, capsys):
+    """An export made before the mixing weights were kept samples the mixture uniformly, as
+    before; metadata that is not a list of weights is one line naming the file."""
+    from safetensors.torch import load_file, save_file
+
+    from moe_vae.commands import expert_prior, run_export
+    from moe_vae.train.checkpoint import weights_metadata
+
+    model, cfg = load_trained(run_dir)
+    older = tmp_path / "older.safetensors"
+    run_export(model, cfg, older, None)
+    assert expert_prior(older, 4).tolist() == [0.25] * 4
+    broken = tmp_path / "broken.safetensors"
+    metadata = {**weights_metadata(cfg, model.image_shape, None), "expert_prior": "{oops"}
+    save_file(load_file(older), broken, metadata=metadata)
+    out = tmp_path / "s.npy"
+    assert cli.main(["sample", "--checkpoint", str(broken), "--mixture", "--out", str(out)]) == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and f"'{broken}': its expert_prior" in stderr
+    assert not out.exists()
+
+
 def test_export_loads_without_deepspeed(run_dir, tmp_path):
     out = tmp_path / "mix.safetensors"
     proc = run_cli("export", "--checkpoint", str(run_dir / "checkpoint.pt"), "--out", str(out))
