@@ -1,4 +1,4 @@
-"""Clustering metrics of the manager's argmax against labels (labels never reach training).
+"""Clustering metrics of the manager's argmax against labels (of the test split by default).
 
 - accuracy: one-to-one Hungarian matching of clusters to classes (scipy); with more experts than
   classes the unmatched clusters count as errors, so also report
