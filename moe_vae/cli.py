@@ -99,6 +99,9 @@ USE_EPILOGS = {
 --mixture draws each image's expert from the experts' share of the manager's probability on the
 training data in the last epoch, kept in the checkpoint and in the metadata of model.safetensors
 and of exports (uniform for a .safetensors without it: an export of an older moe-vae).
+Under model.hierarchy the experts are the leaves, numbered row-major: the leaf of path
+(i_1, i_2, ..., i_L) is ((i_1 n_2) + i_2) n_3 + ..., so with [10, 3] top-level expert t's
+leaves are 3t, 3t+1 and 3t+2 (--expert 7: the second leaf of top-level expert 2).
 """,
     "assign": """examples:
   moe-vae assign --checkpoint runs/r --out clusters.csv
@@ -168,7 +171,13 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--out", type=Path, required=True, help=".csv or .parquet")
         if name == "sample":
             which = p.add_mutually_exclusive_group(required=True)
-            which.add_argument("--expert", type=int, help="the expert to sample from")
+            which.add_argument(
+                "--expert",
+                type=int,
+                metavar="K",
+                help="the expert to sample from, 0 to model.num_experts-1 (under model.hierarchy: "
+                "a leaf, not a top-level expert; see below)",
+            )
             which.add_argument("--mixture", action="store_true", help="sample the whole mixture")
             p.add_argument("--n", type=_positive, default=64, help="number of images")
             p.add_argument("--seed", type=int, default=0)

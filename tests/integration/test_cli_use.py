@@ -113,6 +113,36 @@ def test_sample_from_an_expert_and_from_the_mixture(run_dir, tmp_path):
     assert Image.open(tmp_path / "m.png").size == (10 * 28, 3 * 28)
 
 
+def test_sample_expert_under_a_hierarchy_is_a_leaf(tmp_path, capsys):
+    """Under model.hierarchy=[2, 3], --expert 4 decodes with leaf 4, the manager's path (1, 1):
+    top-level expert 1, its second sub-expert (leaves are row-major). The help says what K
+    indexes, which it did not."""
+    from moe_vae.commands import run_export
+    from moe_vae.model.mixture import MixtureOfVAEs
+
+    tiny = REPO / "configs" / "tiny.yaml"
+    cfg = load_config(tiny, ["--model.hierarchy=[2,3]", "--model.num_experts=6"])
+    torch.manual_seed(0)
+    model = MixtureOfVAEs(cfg.model, (1, 28, 28)).eval()
+    x = torch.rand(3, 784)
+    path_1_1 = model.manager.top(x).log_softmax(-1)[:, 1]
+    path_1_1 = path_1_1 + model.manager.sub[0](x).log_softmax(-1)[1, :, 1]
+    torch.testing.assert_close(model.manager(x)[:, 4], path_1_1)
+    weights = tmp_path / "h.safetensors"
+    run_export(model, cfg, weights, None)
+    out = tmp_path / "leaf.npy"
+    command = ["sample", "--checkpoint", str(weights), "--expert", "4", "--n", "5"]
+    assert cli.main([*command, "--out", str(out)]) == 0
+    z = torch.randn(5, cfg.model.z_dim, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(np.load(out).reshape(5, -1), model.generate(z, 4), rtol=1e-5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(under model.hierarchy: a leaf, not a top-level expert; see below)" in help_text
+    assert "with [10, 3] top-level expert t's leaves are 3t, 3t+1 and 3t+2" in help_text
+
+
 def test_assign_and_score_tables(run_dir, tmp_path):
     proc = run_cli(
         "assign",
