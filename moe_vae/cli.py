@@ -97,7 +97,11 @@ USE_EPILOGS = {
   moe-vae sample --checkpoint runs/r --expert 3 --n 64 --out three.png
   moe-vae sample --checkpoint runs/r --mixture --n 100 --out mix.npy
 --mixture draws each image's expert from the experts' share of the manager's probability on the
-training data (the last epoch in the checkpoint; uniform for a bare .safetensors).
+training data in the last epoch, kept in the checkpoint and in the metadata of model.safetensors
+and of exports (uniform for a .safetensors without it: an export of an older moe-vae).
+Under model.hierarchy the experts are the leaves, numbered row-major: the leaf of path
+(i_1, i_2, ..., i_L) is ((i_1 n_2) + i_2) n_3 + ..., so with [10, 3] top-level expert t's
+leaves are 3t, 3t+1 and 3t+2 (--expert 7: the second leaf of top-level expert 2).
 """,
     "assign": """examples:
   moe-vae assign --checkpoint runs/r --out clusters.csv
@@ -111,8 +115,8 @@ Columns: key, label, nll = -log sum_i p_i(x) exp(-L_i(x)) (higher = more anomalo
 """,
     "export": """examples:
   moe-vae export --checkpoint runs/r/checkpoint.pt --out mixture.safetensors
-The file holds every expert (consolidated), with the config and image shape in its metadata:
-load it with moe_vae.evaluate.load.load_trained, without DeepSpeed.
+The file holds every expert (consolidated), with the config, image shape and mixing weights in
+its metadata: load it with moe_vae.evaluate.load.load_trained, without DeepSpeed.
 """,
 }
 
@@ -154,14 +158,26 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
             )
             p.add_argument("--shards", help="score these shards instead (path, pattern or URL)")
             p.add_argument("--limit", type=_positive, help="only the first N inputs")
-            p.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
+            # The run's own seed by default, so that eval reproduces its eval.json.
+            p.add_argument(
+                "--seed",
+                type=int,
+                help="seed of the latent noise (default: the checkpoint's train.seed, as the "
+                "run's own evaluation)",
+            )
         if name == "eval":
             p.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
         if name in ("assign", "score"):
             p.add_argument("--out", type=Path, required=True, help=".csv or .parquet")
         if name == "sample":
             which = p.add_mutually_exclusive_group(required=True)
-            which.add_argument("--expert", type=int, help="the expert to sample from")
+            which.add_argument(
+                "--expert",
+                type=int,
+                metavar="K",
+                help="the expert to sample from, 0 to model.num_experts-1 (under model.hierarchy: "
+                "a leaf, not a top-level expert; see below)",
+            )
             which.add_argument("--mixture", action="store_true", help="sample the whole mixture")
             p.add_argument("--n", type=_positive, default=64, help="number of images")
             p.add_argument("--seed", type=int, default=0)
@@ -192,7 +208,7 @@ def _check_device(name: str) -> None:
 def _use(args: argparse.Namespace) -> int:
     from moe_vae import commands as c
     from moe_vae.config.load import load_config
-    from moe_vae.evaluate.load import load_trained
+    from moe_vae.evaluate.load import load_trained, stored_prior
     from moe_vae.outpaths import writing
 
     _check_device(args.device)
@@ -201,7 +217,7 @@ def _use(args: argparse.Namespace) -> int:
     model, cfg = load_trained(args.checkpoint, expect, args.device)
     if args.command == "export":
         with writing(args.out):
-            c.run_export(model, cfg, args.out)
+            c.run_export(model, cfg, args.out, stored_prior(args.checkpoint))
         print(f"wrote {args.out}")
         return 0
     if args.command == "sample":
@@ -216,15 +232,16 @@ def _use(args: argparse.Namespace) -> int:
         return 0
     # The inputs stay on the host: evaluation and per_input move one batch at a time.
     images, labels, keys = c.input_set(cfg, args.split, args.shards, args.limit, model.image_shape)
+    seed = cfg.train.seed if args.seed is None else args.seed
     if args.command == "eval":
-        metrics = c.run_eval(model, cfg, images, labels, args.seed)
+        metrics = c.run_eval(model, cfg, images, labels, seed)
         text = json.dumps(metrics, indent=2)
         print(text)  # first: should the file fail after all, the metrics are not lost
         if args.out:
             with writing(args.out):
                 args.out.write_text(text)
         return 0
-    probs, nll = c.per_input(model, cfg, images, args.seed)
+    probs, nll = c.per_input(model, cfg, images, seed)
     columns: dict[str, Any] = {"key": keys, "label": labels.tolist()}
     if args.command == "assign":
         import torch

@@ -7,7 +7,6 @@ shards: the checkpoint's own data (MNIST's cached shards by default) or `--shard
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +15,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from moe_vae.config.load import config_to_yaml
 from moe_vae.config.schema import Config
 from moe_vae.data.build import EvalSet, ensure_mnist_shards
 from moe_vae.data.loaders import load_in_memory
 from moe_vae.data.shardlist import resolve
 from moe_vae.errors import MoeVaeError
 from moe_vae.evaluate.evaluator import evaluate, evaluation_losses, to_inputs
+from moe_vae.evaluate.load import stored_prior
 from moe_vae.evaluate.plots import tile
 from moe_vae.model.losses import mixture_nll_per_input
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.outpaths import check_out_file
+from moe_vae.train.checkpoint import weights_metadata
 
 # The file names each command's --out may have (eval writes its JSON under any name).
 OUT_SUFFIXES: dict[str, tuple[str, ...]] = {
@@ -95,18 +95,13 @@ def run_eval(
 
 
 def expert_prior(path: Path, num_experts: int) -> np.ndarray:
-    """Each expert's share of the manager's probability on the training data (last epoch),
-    or uniform when the checkpoint does not say."""
-    from moe_vae.train.checkpoint import load_checkpoint
-
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if path.suffix == ".pt" and path.is_file():
-        epochs = load_checkpoint(path).get("epochs") or []
-        share = epochs[-1].get("experts/importance") if epochs else None
-        if share and len(share) == num_experts:
-            prior = np.asarray(share, dtype=np.float64)
-            return prior / prior.sum()
+    """Each expert's share of the manager's probability on the training data (last epoch), from
+    the checkpoint or the .safetensors metadata; uniform when the file does not say (an export
+    made before it was kept)."""
+    share = stored_prior(path)
+    if share and len(share) == num_experts:
+        prior = np.asarray(share, dtype=np.float64)
+        return prior / prior.sum()
     return np.full(num_experts, 1.0 / num_experts)
 
 
@@ -186,11 +181,13 @@ def write_table(path: Path, columns: dict[str, Any]) -> None:
         writer.writerows(zip(*(columns[n] for n in names), strict=True))
 
 
-def run_export(model: MixtureOfVAEs, cfg: Config, out: Path) -> None:
+def run_export(model: MixtureOfVAEs, cfg: Config, out: Path, prior: list[float] | None) -> None:
+    """The weights to `out`, with the config, image shape and mixing weights (`prior`, when the
+    source has them) in its metadata."""
     if out.suffix != ".safetensors":
         raise MoeVaeError(f"--out {str(out)!r}: expected a .safetensors file name")
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"config": config_to_yaml(cfg), "image_shape": json.dumps(list(model.image_shape))}
+    metadata = weights_metadata(cfg, model.image_shape, prior)
     try:
         save_file(weights, out, metadata=metadata)
     except SafetensorError as err:  # its I/O errors are not OSErrors

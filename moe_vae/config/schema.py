@@ -230,8 +230,9 @@ class TrainConfig(Section):
     # An epoch where one expert gets more than this share of the inputs (manager argmax) is
     # reported as manager collapse (an event in the logs and a warning).
     collapse_share: Annotated[float, Field(gt=0, le=1)] = 0.5
-    # At the end of each epoch, experts given less than eval.in_use_min_fraction of the inputs
-    # become perturbed copies of the busiest experts, each splitting its donor's manager logit.
+    # At the end of each epoch, experts not in use (given no input, or less than
+    # eval.in_use_min_fraction of the inputs) become perturbed copies of the busiest experts,
+    # each splitting its donor's manager logit.
     revive_dead_experts: bool = False
     # The perturbation of a revived expert, relative to its donor's mean absolute weight.
     revive_noise: Annotated[float, Field(ge=0)] = 0.01
@@ -296,7 +297,8 @@ class EvalConfig(Section):
     batch_size: PositiveInt = 1000
     # Evaluate on the test split every N epochs (0 = only at the end of training).
     every_epochs: Annotated[int, Field(ge=0)] = 0
-    # An expert is "in use" when it is the manager's argmax for at least this fraction of inputs.
+    # An expert is "in use" when it is the manager's argmax for at least this fraction of the
+    # inputs, and for one input at least (so at 0: every expert given an input).
     in_use_min_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
 
 

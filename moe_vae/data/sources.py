@@ -1,7 +1,8 @@
 """Sample sources for the shard writer: MNIST IDX files, .npz/.npy arrays, image folders.
 
 Each source yields `RawSample`s: a unique key, a uint8 image [H, W] or [H, W, C], and a label
-(-1 when unknown). Labels travel with the samples for evaluation; training never needs them.
+(-1 when unknown). Labels travel with the samples for evaluation and semi-supervised training
+(loss.label_fraction, loss.labelled_keys); unsupervised training never needs them.
 """
 
 from __future__ import annotations

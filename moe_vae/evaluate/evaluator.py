@@ -8,11 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 
 from moe_vae.config.schema import EvalConfig, LossConfig
-from moe_vae.evaluate.metrics import clustering_metrics, contingency
+from moe_vae.evaluate.metrics import cluster_usage, clustering_metrics, contingency
 from moe_vae.model.losses import expected_expert_loss, mixture_nll, routed_logits
 from moe_vae.model.mixture import MixtureOfVAEs, Routed
 
@@ -70,11 +69,7 @@ def evaluate(
         result = clustering_metrics(truth, assigned, E, eval_cfg.in_use_min_fraction)
         result["confusion"] = contingency(truth, assigned, E).tolist()
     else:
-        sizes = np.bincount(assigned, minlength=E)
-        result = {
-            "experts_in_use": int((sizes >= eval_cfg.in_use_min_fraction * len(assigned)).sum()),
-            "cluster_sizes": sizes.tolist(),
-        }
+        result = cluster_usage(assigned, E, eval_cfg.in_use_min_fraction)
     # The mean negative ELBO under the manager's weights (the seed's expected expert loss) and
     # under the mixture likelihood −log Σ p_i exp(−L_i), per input.
     result.update(

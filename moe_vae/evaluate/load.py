@@ -1,7 +1,8 @@
 """Load a trained mixture on one process (CPU or one GPU), without DeepSpeed.
 
 Accepts a run directory, its checkpoint.pt, or a model.safetensors (ours carry the resolved
-config and image shape in their metadata). Every problem is a CheckpointError naming the file.
+config, image shape and mixing weights in their metadata). Every problem is a CheckpointError
+naming the file.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from moe_vae.errors import MoeVaeError
 from moe_vae.model.grouped import check_grouped_device
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.train.checkpoint import (
+    PRIOR_KEY,
     CheckpointError,
     check_same_model,
+    last_prior,
     load_checkpoint,
     saved_config,
 )
@@ -37,18 +40,24 @@ def _resolve(path: Path) -> Path:
     return path
 
 
+def _safetensors(
+    path: Path, with_weights: bool = True
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A .safetensors file's metadata and (`with_weights`) its tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()} if with_weights else {}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {err}") from None
+    return meta, weights
+
+
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], str, list[int]]:
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(
-                f"{str(path)!r} is not a readable safetensors file: {err}"
-            ) from None
+        meta, weights = _safetensors(path)
         if "config" not in meta:
             raise CheckpointError(f"{str(path)!r} has no moe-vae config in its metadata")
         return weights, meta["config"], json.loads(meta.get("image_shape", "[1, 28, 28]"))
@@ -69,6 +78,27 @@ def _layout_for(cfg: Config, device: str) -> Config:
         model = cfg.model.model_copy(update={"expert_gemm": "batched"})
         return cfg.model_copy(update={"model": model})
     return cfg
+
+
+def stored_prior(path: str | Path) -> list[float] | None:
+    """The mixing weights kept with a trained mixture (a checkpoint's last epoch record, or our
+    .safetensors metadata); None where there are none (an export made before they were kept)."""
+    file = _resolve(Path(path))
+    if file.suffix != ".safetensors":
+        return last_prior(load_checkpoint(file, mmap=True).get("epochs") or [])
+    text = _safetensors(file, with_weights=False)[0].get(PRIOR_KEY)
+    if text is None:
+        return None
+    try:
+        prior = json.loads(text)
+    except json.JSONDecodeError:
+        prior = None
+    if not isinstance(prior, list) or not all(isinstance(p, int | float) for p in prior):
+        raise CheckpointError(
+            f"{str(file)!r}: its {PRIOR_KEY} metadata {text[:60]!r} is not a JSON list of "
+            "one weight per expert"
+        )
+    return prior
 
 
 def load_trained(

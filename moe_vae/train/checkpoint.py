@@ -6,10 +6,12 @@ Loaded with `weights_only=True`: only tensors and plain containers, never arbitr
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,7 +20,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from moe_vae.config.load import format_validation_error
+from moe_vae.config.load import config_to_yaml, format_validation_error
 from moe_vae.config.schema import Config, ModelConfig
 from moe_vae.errors import MoeVaeError
 
@@ -136,6 +138,28 @@ def saved_config(path: Path, text: str) -> Config:
     except yaml.YAMLError as err:
         detail = str(err)
     raise CheckpointError(f"checkpoint {str(path)!r} has a broken config: {detail}")
+
+
+# Our .safetensors files' metadata key for the mixing weights (a JSON list, one per expert).
+PRIOR_KEY = "expert_prior"
+
+
+def weights_metadata(
+    cfg: Config, image_shape: Sequence[int], prior: list[float] | None
+) -> dict[str, str]:
+    """The metadata of our .safetensors files (its values are strings): the resolved config,
+    the image shape and, where known, the mixing weights `sample --mixture` draws experts from,
+    so that a file without the checkpoint samples the mixture as the checkpoint does."""
+    metadata = {"config": config_to_yaml(cfg), "image_shape": json.dumps(list(image_shape))}
+    if prior is not None:
+        metadata[PRIOR_KEY] = json.dumps(prior)
+    return metadata
+
+
+def last_prior(epochs: list[dict[str, Any]]) -> list[float] | None:
+    """The mixing weights of a run's epoch records: each expert's share of the manager's
+    probability on the training data in the last epoch (experts/importance)."""
+    return epochs[-1].get("experts/importance") if epochs else None
 
 
 def check_same_model(path: Path, saved: ModelConfig, wanted: ModelConfig) -> None:

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from moe_vae.config.load import config_to_yaml
 from moe_vae.config.schema import Config
 from moe_vae.evaluate.evaluator import to_inputs
 from moe_vae.evaluate.plots import (
@@ -31,6 +30,7 @@ from moe_vae.evaluate.plots import (
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.parallel.setup import Parallel
 from moe_vae.track.base import MultiTracker
+from moe_vae.train.checkpoint import last_prior, weights_metadata
 
 
 @torch.no_grad()
@@ -112,7 +112,8 @@ class RunFiles:
         step: int,
     ) -> None:
         """eval.json, the final record and summary, the grid and loss curves, and the weights
-        (with the resolved config in their metadata); the tracker is finished."""
+        (with the resolved config, image shape and the last epoch's mixing weights in their
+        metadata); the tracker is finished."""
         (self.run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
         final = {f"eval/{k}": v for k, v in final_eval.items()}
         self.tracker.log({"event": "final", **final}, step)
@@ -120,14 +121,8 @@ class RunFiles:
         self.grid(grid_rows, epochs)
         save_loss_curves(epochs, self.run_dir / "loss_curves.png")
         self.tracker.finish()
-        save_file(
-            weights,
-            self.run_dir / "model.safetensors",
-            metadata={
-                "config": config_to_yaml(self.cfg),
-                "image_shape": json.dumps(list(self.image_shape)),
-            },
-        )
+        metadata = weights_metadata(self.cfg, self.image_shape, last_prior(epochs))
+        save_file(weights, self.run_dir / "model.safetensors", metadata=metadata)
 
 
 def epoch_summary(r: dict[str, Any]) -> str:

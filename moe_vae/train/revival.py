@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_vae.evaluate.metrics import in_use
 from moe_vae.model.manager import Manager
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.parallel.setup import Parallel
@@ -37,10 +38,12 @@ def collapse_message(share: list[float], max_share: float) -> str | None:
     )
 
 
-def pick_pairs(share: list[float], dead_below: float) -> list[tuple[int, int]]:
-    """(dead expert, donor) pairs: the dead in index order, donors the busiest first."""
-    dead = [i for i, s in enumerate(share) if s < dead_below]
-    busy = sorted((i for i, s in enumerate(share) if s >= dead_below), key=lambda i: -share[i])
+def pick_pairs(share: list[float], min_fraction: float) -> list[tuple[int, int]]:
+    """(dead expert, donor) pairs: the dead (not in use) in index order, donors the busiest
+    first."""
+    alive = in_use(share, min_fraction)
+    dead = [i for i in range(len(share)) if not alive[i]]
+    busy = sorted((i for i in range(len(share)) if alive[i]), key=lambda i: -share[i])
     return [(d, busy[k % len(busy)]) for k, d in enumerate(dead)] if busy else []
 
 

@@ -31,6 +31,7 @@ from moe_vae.data.build import build_data, ensure_mnist_shards
 from moe_vae.data.loaders import InMemoryLoader, loader_state, order_changes
 from moe_vae.errors import MoeVaeError
 from moe_vae.evaluate.evaluator import evaluate, to_inputs
+from moe_vae.evaluate.metrics import in_use
 from moe_vae.model.grouped import check_grouped_device
 from moe_vae.model.losses import LossTerms, objective
 from moe_vae.model.mixture import MixtureOfVAEs, Routed
@@ -496,7 +497,7 @@ class Trainer:
             "time/step_seconds": seconds / max(new_steps, 1),
             "optim/lr": self.optim.param_groups[0]["lr"],
             **({"warm_start/weight": self.anchor.weight(epoch)} if self.anchor else {}),
-            "experts/in_use": sum(f >= cfg.eval.in_use_min_fraction for f in share),
+            "experts/in_use": int(in_use(share, cfg.eval.in_use_min_fraction).sum()),
             "experts/dead": sum(f == 0 for f in share),
             "experts/importance": (importance / importance.sum().clamp_min(1e-12)).tolist(),
             "train/nonfinite_skipped": self.nonfinite_total,

@@ -21,10 +21,11 @@ from moe_vae.train import train
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    """Trained with seed 1, not the default 0: what the commands must take from the run."""
     out = tmp_path_factory.mktemp("use")
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",
-        [f"--output.dir={out}", "--output.name=r", "--track.wandb=disabled"],
+        [f"--output.dir={out}", "--output.name=r", "--track.wandb=disabled", "--train.seed=1"],
     )
     return train(cfg, quiet=True).run_dir
 
@@ -38,6 +39,20 @@ def test_eval_matches_the_training_evaluation(run_dir, tmp_path):
     for key in ("accuracy", "nmi", "ari", "experts_in_use", "neg_elbo"):
         assert metrics[key] == pytest.approx(trained[key], rel=1e-5), key
     assert json.loads(proc.stdout)["num_samples"] == 200
+
+
+def test_eval_noise_defaults_to_the_runs_seed(run_dir, capsys):
+    """Without --seed, eval draws the latent noise from the run's train.seed, as the trainer's
+    evaluation did: on the run's test set (tiny.yaml's data.test_limit, 200) its neg_elbo is
+    eval.json's exactly. It used to be seed 0's, 461.867 against 461.838 for this run."""
+    trained = json.loads((run_dir / "eval.json").read_text())["neg_elbo"]
+
+    def neg_elbo(*seed: str) -> float:
+        assert cli.main(["eval", "--checkpoint", str(run_dir), "--limit", "200", *seed]) == 0
+        return json.loads(capsys.readouterr().out)["neg_elbo"]
+
+    assert neg_elbo() == trained
+    assert neg_elbo("--seed", "0") != trained  # the seed does show in the metric
 
 
 def test_bf16_true_run_evaluates_as_trained(tmp_path):
@@ -98,6 +113,36 @@ def test_sample_from_an_expert_and_from_the_mixture(run_dir, tmp_path):
     assert Image.open(tmp_path / "m.png").size == (10 * 28, 3 * 28)
 
 
+def test_sample_expert_under_a_hierarchy_is_a_leaf(tmp_path, capsys):
+    """Under model.hierarchy=[2, 3], --expert 4 decodes with leaf 4, the manager's path (1, 1):
+    top-level expert 1, its second sub-expert (leaves are row-major). The help says what K
+    indexes, which it did not."""
+    from moe_vae.commands import run_export
+    from moe_vae.model.mixture import MixtureOfVAEs
+
+    tiny = REPO / "configs" / "tiny.yaml"
+    cfg = load_config(tiny, ["--model.hierarchy=[2,3]", "--model.num_experts=6"])
+    torch.manual_seed(0)
+    model = MixtureOfVAEs(cfg.model, (1, 28, 28)).eval()
+    x = torch.rand(3, 784)
+    path_1_1 = model.manager.top(x).log_softmax(-1)[:, 1]
+    path_1_1 = path_1_1 + model.manager.sub[0](x).log_softmax(-1)[1, :, 1]
+    torch.testing.assert_close(model.manager(x)[:, 4], path_1_1)
+    weights = tmp_path / "h.safetensors"
+    run_export(model, cfg, weights, None)
+    out = tmp_path / "leaf.npy"
+    command = ["sample", "--checkpoint", str(weights), "--expert", "4", "--n", "5"]
+    assert cli.main([*command, "--out", str(out)]) == 0
+    z = torch.randn(5, cfg.model.z_dim, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(np.load(out).reshape(5, -1), model.generate(z, 4), rtol=1e-5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(under model.hierarchy: a leaf, not a top-level expert; see below)" in help_text
+    assert "with [10, 3] top-level expert t's leaves are 3t, 3t+1 and 3t+2" in help_text
+
+
 def test_assign_and_score_tables(run_dir, tmp_path):
     proc = run_cli(
         "assign",
@@ -132,6 +177,59 @@ def test_score_ranks_a_foreign_input_above_digits(run_dir, tmp_path):
     _, nll_digits = per_input(model, cfg, images, 0)
     _, nll_inverted = per_input(model, cfg, 255 - images, 0)
     assert np.median(nll_inverted) > np.median(nll_digits)
+
+
+def test_mixture_samples_from_a_safetensors_file_are_the_checkpoints(run_dir, tmp_path, capsys):
+    """The last epoch's mixing weights travel in the metadata of an export and of the run's
+    model.safetensors: --mixture draws the same experts, so the same images, from any of the
+    three files (from a .safetensors it drew from a uniform prior)."""
+    from safetensors import safe_open
+
+    from moe_vae.train.checkpoint import load_checkpoint
+
+    exported = tmp_path / "mix.safetensors"
+    assert cli.main(["export", "--checkpoint", str(run_dir), "--out", str(exported)]) == 0
+    prior = load_checkpoint(run_dir / "checkpoint.pt")["epochs"][-1]["experts/importance"]
+    assert not np.allclose(prior, 0.25)  # else a uniform prior would pass
+    files = {
+        "pt": run_dir / "checkpoint.pt",
+        "export": exported,
+        "run": run_dir / "model.safetensors",
+    }
+    images = {}
+    for name, path in files.items():
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                assert json.loads(f.metadata()["expert_prior"]) == prior, name
+        out = tmp_path / f"{name}.npy"
+        command = ["sample", "--checkpoint", str(path), "--mixture", "--n", "40", "--seed", "3"]
+        assert cli.main([*command, "--out", str(out)]) == 0
+        images[name] = np.load(out)
+    capsys.readouterr()
+    np.testing.assert_array_equal(images["export"], images["pt"])
+    np.testing.assert_array_equal(images["run"], images["pt"])
+
+
+def test_a_safetensors_file_without_mixing_weights(run_dir, tmp_path, capsys):
+    """An export made before the mixing weights were kept samples the mixture uniformly, as
+    before; metadata that is not a list of weights is one line naming the file."""
+    from safetensors.torch import load_file, save_file
+
+    from moe_vae.commands import expert_prior, run_export
+    from moe_vae.train.checkpoint import weights_metadata
+
+    model, cfg = load_trained(run_dir)
+    older = tmp_path / "older.safetensors"
+    run_export(model, cfg, older, None)
+    assert expert_prior(older, 4).tolist() == [0.25] * 4
+    broken = tmp_path / "broken.safetensors"
+    metadata = {**weights_metadata(cfg, model.image_shape, None), "expert_prior": "{oops"}
+    save_file(load_file(older), broken, metadata=metadata)
+    out = tmp_path / "s.npy"
+    assert cli.main(["sample", "--checkpoint", str(broken), "--mixture", "--out", str(out)]) == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and f"'{broken}': its expert_prior" in stderr
+    assert not out.exists()
 
 
 def test_export_loads_without_deepspeed(run_dir, tmp_path):

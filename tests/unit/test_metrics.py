@@ -49,3 +49,34 @@ def test_experts_in_use_threshold():
     m = clustering_metrics(labels, clusters, 4, 0.04)
     assert m["experts_in_use"] == 2  # expert 2 has 1%, expert 3 none
     assert m["cluster_sizes"] == [95, 4, 1, 0]
+
+
+def test_an_expert_given_nothing_is_not_in_use_even_at_min_fraction_0():
+    """eval.in_use_min_fraction=0 counted every expert as in use, one given no input too."""
+    m = clustering_metrics(np.zeros(3, dtype=int), np.array([0, 0, 1]), 3, 0.0)
+    assert m["experts_in_use"] == 2 and m["cluster_sizes"] == [2, 1, 0]
+
+
+def test_unlabelled_evaluation_counts_only_experts_given_inputs():
+    """The evaluation without labels (its own count of experts in use): one input reaches one
+    expert, so one is in use at in_use_min_fraction=0, not all four."""
+    import torch
+
+    from moe_vae.config import load_config
+    from moe_vae.evaluate.evaluator import evaluate
+    from moe_vae.model.mixture import MixtureOfVAEs
+
+    cfg = load_config(None, ["--model.num_experts=4", "--eval.in_use_min_fraction=0"])
+    torch.manual_seed(0)
+    model = MixtureOfVAEs(cfg.model, (1, 4, 4))
+    images = torch.randint(0, 256, (1, 1, 4, 4), dtype=torch.uint8)
+    result = evaluate(model, [(images, torch.tensor([-1]))], cfg.loss, cfg.eval)
+    assert result["experts_in_use"] == 1 and sum(result["cluster_sizes"]) == 1
+
+
+def test_in_use_needs_a_share_above_0_and_the_minimum():
+    """The one rule the evaluation and the trainer's experts/in_use (and revival) share."""
+    from moe_vae.evaluate.metrics import in_use
+
+    assert in_use([0.6, 0.0, 0.4], 0.0).tolist() == [True, False, True]
+    assert in_use([0.95, 0.04, 0.01, 0.0], 0.04).tolist() == [True, True, False, False]

@@ -25,6 +25,8 @@ def test_dead_experts_are_paired_with_the_busiest():
     assert pick_pairs([0.6, 0.0, 0.3, 0.001, 0.099], 0.01) == [(1, 0), (3, 2)]
     assert pick_pairs([0.5, 0.5], 0.01) == []
     assert pick_pairs([0.0, 0.0], 0.01) == []  # nobody to copy
+    # eval.in_use_min_fraction=0: an expert given nothing is still dead (it was kept as is)
+    assert pick_pairs([0.7, 0.0, 0.3], 0.0) == [(1, 0)]
 
 
 def test_revive_copies_the_donor_and_splits_its_probability():
