@@ -99,15 +99,18 @@ def deepspeed_dict(cfg: Config, world_size: int, knobs: dict[str, Any]) -> dict[
         train_micro_batch_size_per_gpu=cfg.train.batch_size // world_size,
         gradient_accumulation_steps=1,
     )
-    # Always written: DeepSpeed's own default clips the gradient norm to 1.0, silently.
-    ds["gradient_clipping"] = cfg.optim.grad_clip
+    # Always written: DeepSpeed's own default clips the gradient norm to 1.0, silently. Under
+    # ZeRO 0 its norm is wrong with expert shards (the mean of the ranks' norms; its bf16
+    # optimizer there leaves expert gradients out): the trainer clips (Parallel.clip_grad_norm).
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    ds["gradient_clipping"] = cfg.optim.grad_clip if stage > 0 else 0.0
     for section in PRECISION_SECTIONS:
         if section in ds and section != cfg.train.precision:
             raise MoeVaeError(
                 f"parallel.deepspeed_config sets {section} knobs, but train.precision="
                 f"{cfg.train.precision}: set train.precision={section} or remove the section"
             )
-    if cfg.train.precision == "fp16" and ds.get("zero_optimization", {}).get("stage", 0) == 0:
+    if cfg.train.precision == "fp16" and stage == 0:
         raise MoeVaeError(
             "train.precision=fp16 under ZeRO stage 0: DeepSpeed's engine.backward does not "
             "scale the loss there while its fp16 optimizer unscales the gradients "

@@ -17,6 +17,8 @@ from torch import nn
 
 from moe_vae.errors import MoeVaeError
 
+EXPERT_PREFIX = "experts."  # the expert bank's parameters: sharded over the expert-parallel group
+
 
 @dataclass(frozen=True)
 class ExpertParallel:

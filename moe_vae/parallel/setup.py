@@ -17,7 +17,7 @@ from moe_vae.config.schema import Config
 from moe_vae.errors import MoeVaeError
 from moe_vae.model.mixture import MixtureOfVAEs
 from moe_vae.parallel.dist import DistInfo, check_cuda, init_distributed, launched_world_size
-from moe_vae.parallel.groups import ExpertParallel
+from moe_vae.parallel.groups import EXPERT_PREFIX, ExpertParallel
 
 T = TypeVar("T")
 
@@ -70,6 +70,34 @@ class Parallel:
         parts = [torch.empty_like(x_E) for _ in range(self.ep.size)]
         dist.all_gather(parts, x_E.contiguous(), group=self.ep.group)
         return torch.cat(parts)
+
+    def clip_grad_norm(self, model: MixtureOfVAEs, max_norm: float) -> torch.Tensor:
+        """Scales every gradient so that the whole model's gradient (all experts, every rank's
+        shard) has norm at most `max_norm`, as torch's clip_grad_norm_ would in one process;
+        returns that norm. Expert shards' squared norms are summed over the expert-parallel
+        group; the replicated parameters' gradients are alike on every rank, counted once.
+        (DeepSpeed's ZeRO 0 clipping averages each rank's norm instead, and its bf16 optimizer
+        there leaves the experts out.)"""
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        sharded = self.ep is not None and self.ep.size > 1
+
+        def squares(names: list[str]) -> torch.Tensor:
+            sq = [grads[n].detach().float().pow(2).sum() for n in names]
+            return torch.stack(sq).sum() if sq else torch.zeros((), device=self.info.device)
+
+        experts = [n for n in grads if sharded and n.startswith(EXPERT_PREFIX)]
+        total = squares([n for n in grads if n not in experts])
+        if sharded:
+            import torch.distributed as dist
+
+            expert_sq = squares(experts)
+            dist.all_reduce(expert_sq, group=self.ep.group)  # type: ignore[union-attr]
+            total = total + expert_sq
+        norm = total.sqrt()
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads.values():
+            g.mul_(scale.to(g.dtype))
+        return norm
 
     def sum_counts(self, counts: dict[str, int]) -> dict[str, int]:
         """Counters (e.g. bad samples by reason) summed over all ranks."""

@@ -15,9 +15,9 @@ import torch
 
 from moe_vae.errors import MoeVaeError
 from moe_vae.model.mixture import MixtureOfVAEs
+from moe_vae.parallel.groups import EXPERT_PREFIX
 from moe_vae.parallel.setup import Parallel
 
-EXPERT_PREFIX = "experts."
 # In a parameter's saved optimizer state: DeepSpeed's fp32 master copy of a bf16/fp16 weight
 # (the model's own weights are those rounded, so a resume from them alone would round too).
 MASTER_KEY = "fp32_master"

@@ -652,6 +652,8 @@ class Trainer:
                 p.grad = None
             return terms, False, stop
         if self.engine is not None:
+            if cfg.optim.grad_clip:  # ZeRO 0 (DeepSpeed clips under 1 and 2)
+                self.par.clip_grad_norm(self.model, cfg.optim.grad_clip)
             self.engine.step()
         else:
             if cfg.optim.grad_clip:

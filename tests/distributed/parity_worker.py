@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top-k", type=int, default=0, help="0 = dense routing")
+    ap.add_argument("--clip", type=float, default=0.0, help="optim.grad_clip (0: none)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -55,6 +56,7 @@ def main() -> int:
         # gradient (such as DeepSpeed's default clipping) show in the parameters.
         "--optim.eps=1e-3",
         f"--parallel.deepspeed_config={args.zero_config}",
+        f"--optim.grad_clip={args.clip}",
     ]
     if args.ep_size:
         overrides.append(f"--parallel.ep_size={args.ep_size}")
@@ -125,6 +127,14 @@ def main() -> int:
                 d = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
                 report["grad_diff"] = max(report["grad_diff"], d)
                 ok &= d < 1e-4
+        if args.clip:  # small enough to bind: the norms here are ~0.5 to 1
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), args.clip)
+            assert ref_norm > 2 * args.clip, f"clip {args.clip} does not bind (norm {ref_norm})"
+            if engine.zero_optimization_stage() == 0:  # the trainer's clip (DeepSpeed's above)
+                norm = par.clip_grad_norm(model, args.clip)
+                d = abs(norm.item() - ref_norm.item()) / ref_norm.item()
+                report["norm_diff"] = max(report.get("norm_diff", 0.0), d)
+                ok &= d < 1e-5
         engine.step()
         ref_opt.step()
 
