@@ -323,9 +323,12 @@ class Trainer:
             "step": self.step,
             # epoch, position in it, and what fixes its order
             "data": loader_state(self.epoch, self.batches_done, self.data.train.order()),
-            "epoch_sums": self.epoch_sums.cpu(),
+            # The epoch's statistics so far, averaged over ranks (each rank's differ): every
+            # rank resumes from the average, and the epoch's end averages again, which gives
+            # the uninterrupted run's figures on any world size.
+            "epoch_sums": self.par.mean_over_ranks(self.epoch_sums).cpu(),
             "epoch_steps": self.epoch_steps,
-            "epoch_usage": self.epoch_usage_2E.cpu(),
+            "epoch_usage": self.par.mean_over_ranks(self.epoch_usage_2E).cpu(),
             "epochs": self.epochs,
             "grid_rows": [torch.from_numpy(r) for r in self.grid_rows],
             "rng": rng,

@@ -484,6 +484,13 @@ def _kill_job_at_step(
     raise TimeoutError(f"step {step} not reached")
 
 
+def _epoch_records(run: Path) -> dict[int, dict]:
+    """Each epoch's record in metrics.jsonl, the last one written winning (a resumed run
+    appends)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["epoch"]: r for r in records if r.get("event") == "epoch"}
+
+
 @pytest.mark.parametrize(
     ("zero", "sig"), [(0, signal.SIGKILL), (2, signal.SIGTERM)], ids=["zero0-kill-9", "zero2-term"]
 )
@@ -525,6 +532,13 @@ def test_two_rank_stop_and_resume_matches_uninterrupted(tmp_path, zero, sig):
     assert sorted(a) == sorted(b) == list(range(1, 21)), kill_at
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-6), (step, kill_at)
+    # The epoch records too (the checkpoint is mid-epoch): the part before it was rank 0's
+    # statistics alone, on every rank, when the checkpoint held rank 0's sums.
+    ea, eb = _epoch_records(tmp_path / "full"), _epoch_records(tmp_path / "part")
+    assert sorted(ea) == sorted(eb) == [1, 2]
+    for epoch, record in ea.items():
+        for key in ("loss/total", "loss/balancing", "experts/importance"):
+            assert eb[epoch][key] == pytest.approx(record[key], rel=1e-6), (epoch, key, kill_at)
     wa, wb = (
         load_file(tmp_path / "full" / "model.safetensors"),
         load_file(tmp_path / "part" / "model.safetensors"),
