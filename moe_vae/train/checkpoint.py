@@ -162,17 +162,24 @@ def last_prior(epochs: list[dict[str, Any]]) -> list[float] | None:
     return epochs[-1].get("experts/importance") if epochs else None
 
 
-def check_same_model(path: Path, saved: ModelConfig, wanted: ModelConfig) -> None:
-    """One error listing every model setting that differs (a checkpoint of another shape)."""
-    if saved == wanted:
-        return
+# How inputs reach the experts, not what the experts and the manager are: no weight depends on
+# them, so a checkpoint may go on under others (say grouped -> batched, to shard the experts).
+ROUTING_FIELDS = ("routing", "top_k", "route_noise", "capacity_factor", "expert_gemm")
+
+
+def check_same_model(path: Path, saved: ModelConfig, wanted: ModelConfig) -> list[str]:
+    """One error listing every model setting that differs (a checkpoint of another model);
+    routing settings may differ: returned, one line each, for the caller to say."""
     theirs, ours = saved.model_dump(), wanted.model_dump()
+    changed = [k for k in theirs if theirs[k] != ours[k]]
     diff = ", ".join(
         f"model.{k}: {theirs[k]!r} in the checkpoint, {ours[k]!r} asked"
-        for k in theirs
-        if theirs[k] != ours[k]
+        for k in changed
+        if k not in ROUTING_FIELDS
     )
-    raise CheckpointError(f"checkpoint {str(path)!r} is of another model shape ({diff})")
+    if diff:
+        raise CheckpointError(f"checkpoint {str(path)!r} is of another model shape ({diff})")
+    return [f"model.{k} {theirs[k]!r} -> {ours[k]!r}" for k in changed]
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:

@@ -358,7 +358,13 @@ class Trainer:
 
     def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
         require_resumable(path, ckpt)
-        check_same_model(path, saved_config(path, ckpt["config"]).model, self.cfg.model)
+        rerouted = check_same_model(path, saved_config(path, ckpt["config"]).model, self.cfg.model)
+        if rerouted and self.par.is_main:
+            warnings.warn(
+                f"resuming {str(path)!r} with other routing ({', '.join(rerouted)}): the same "
+                "weights, trained on from here with the new routing",
+                stacklevel=2,
+            )
         try:
             load_full_state_dict(self.model, ckpt["model"])
         except (KeyError, RuntimeError) as err:

@@ -258,3 +258,33 @@ def test_resume_path_without_config_continues_that_runs_config(tmp_path, monkeyp
     assert max(_steps(first.run_dir)) == 7
     after = (first.run_dir / "config.yaml").read_text()
     assert after == before.replace("max_steps: 5", "max_steps: 7")
+
+
+def test_resume_under_other_routing_keeps_the_weights(tmp_path, monkeypatch, repo):
+    """Routing settings define no weight: a top-k grouped run goes on batched (what sharding
+    its experts needs) with another capacity, said in a warning, and trains on from the
+    checkpoint's weights. (A setting that shapes the weights is still refused:
+    test_periodic_checkpoints_and_bad_resume.)"""
+    monkeypatch.chdir(repo)
+    topk = ["--model.routing=topk", "--model.top_k=2", "--train.max_steps=4"]
+    first = train(_cfg(tmp_path, "g", *topk, "--model.expert_gemm=grouped"), quiet=True)
+    ckpt = first.run_dir / "checkpoint.pt"
+    saved = torch.load(ckpt, weights_only=True)["model"]
+    batched = _cfg(
+        tmp_path,
+        "g",
+        *topk[:2],
+        "--model.capacity_factor=2",
+        "--train.max_steps=5",
+        f"--train.resume={ckpt}",
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"other routing \(model\.capacity_factor 1\.25 -> 2\.0, "
+        r"model\.expert_gemm 'grouped' -> 'batched'\)",
+    ):
+        resumed = train(batched, quiet=True)
+    assert sorted(_steps(resumed.run_dir)) == [1, 2, 3, 4, 5]
+    after = load_file(resumed.run_dir / "model.safetensors")
+    assert after.keys() == saved.keys()
+    assert any(not torch.equal(after[k], saved[k]) for k in saved)  # step 5 trained them
