@@ -51,10 +51,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _sync_dir(folder: Path) -> None:
+    """Makes a rename in `folder` durable (a crash of the machine, not only of the process,
+    keeps it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """`state` to `path` atomically and durably: a temporary file, flushed to the disk, then
+    renamed. A failed write (a full disk) is one CheckpointError and leaves no temporary
+    file; what was at `path` stays."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # else a power cut after the rename may leave it empty
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports I/O as RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise CheckpointError(f"cannot write checkpoint {str(path)!r}: {reason}") from None
+    _sync_dir(path.parent)
 
 
 def save_rotating(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
@@ -71,9 +93,14 @@ def save_rotating(run_dir: Path, state: dict[str, Any], step: int, keep: int) ->
 
 
 def auto_resume_path(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run directory (None: start fresh)."""
+    """The newest complete checkpoint of a run directory (None: start fresh): checkpoint.pt,
+    else the newest kept checkpoints/step-N.pt (a job that died after writing its first one,
+    before checkpoint.pt pointed at it, would otherwise start over and delete it)."""
     latest = run_dir / "checkpoint.pt"
-    return latest if latest.is_file() else None
+    if latest.is_file():
+        return latest
+    kept = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+    return kept[-1] if kept else None
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -94,6 +121,7 @@ def point_latest_at(run_dir: Path, path: Path) -> None:
 
         shutil.copyfile(path, latest_tmp)
     os.replace(latest_tmp, run_dir / "checkpoint.pt")
+    _sync_dir(run_dir)
 
 
 def roll_back_to(checkpoint: Path) -> list[Path]:

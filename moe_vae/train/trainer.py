@@ -248,8 +248,15 @@ class Trainer:
         self.epochs: list[dict[str, Any]] = []
 
         resume: Path | None = Path(cfg.train.resume) if cfg.train.resume else None
-        if cfg.train.resume == "auto":
-            resume = auto_resume_path(Path(cfg.output.dir).expanduser() / str(cfg.output.name))
+        if cfg.train.resume == "auto":  # rank 0 decides: every rank resumes, or none does
+            run = Path(cfg.output.dir).expanduser() / str(cfg.output.name)
+            resume = self.par.on_main(lambda: auto_resume_path(run))
+            if resume is not None and not resume.is_file():
+                raise CheckpointError(
+                    f"checkpoint {str(resume)!r}, found by rank 0, is not on this rank's "
+                    "machine: every rank reads it, so a job of several nodes resumes from "
+                    "storage they all see"
+                )
         ckpt = load_checkpoint(resume) if resume is not None else None
         self.tracker_id: str | None = ckpt.get("tracker_run_id") if ckpt else None
         self.anchor = self._warm_start(ckpt)
@@ -353,8 +360,11 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         state = self._state()  # a collective under expert parallelism: every rank builds it
-        if self.par.is_main:  # only one rank writes, renames and prunes
-            save_rotating(self.run_dir, state, self.step, self.cfg.train.keep_checkpoints)
+        # One rank writes, renames and prunes; a failed write (a full disk) stops every rank
+        # with its one line, none left waiting in a collective for rank 0.
+        self.par.on_main(
+            lambda: save_rotating(self.run_dir, state, self.step, self.cfg.train.keep_checkpoints)
+        )
 
     def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
         require_resumable(path, ckpt)

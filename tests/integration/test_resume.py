@@ -3,6 +3,8 @@ that never stopped (bit-identical on CPU, one process)."""
 
 from __future__ import annotations
 
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ from safetensors.torch import load_file
 from moe_vae.config import load_config
 from moe_vae.track.jsonl import step_values
 from moe_vae.train import train
-from moe_vae.train.checkpoint import CheckpointError
+from moe_vae.train.checkpoint import CheckpointError, auto_resume_path, save_checkpoint
 
 
 def _cfg(tmp_path, name, *extra):
@@ -134,6 +136,10 @@ def test_keep_last_k_and_resume_auto(tmp_path, monkeypatch, repo):
     latest = torch.load(res.run_dir / "checkpoint.pt", weights_only=True)
     assert latest["step"] == 13
     assert not list(res.run_dir.glob(".*"))  # no temporary files left
+    # A job that died before checkpoint.pt pointed at its newest step file resumes from that
+    # file (it used to find nothing, start over and delete the run directory).
+    (res.run_dir / "checkpoint.pt").unlink()
+    assert auto_resume_path(res.run_dir) == res.run_dir / "checkpoints" / "step-000000013.pt"
     # resume=auto picks the newest checkpoint of output.dir/output.name and finishes the run.
     done = train(_cfg(tmp_path, "k", "--train.resume=auto", "--track.wandb=disabled"), quiet=True)
     assert done.final_eval["steps"] == 30 and done.run_dir == res.run_dir
@@ -288,3 +294,22 @@ def test_resume_under_other_routing_keeps_the_weights(tmp_path, monkeypatch, rep
     after = load_file(resumed.run_dir / "model.safetensors")
     assert after.keys() == saved.keys()
     assert any(not torch.equal(after[k], saved[k]) for k in saved)  # step 5 trained them
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_and_keeps_the_last(tmp_path):
+    """A full disk, here a file-size limit (EFBIG, as ENOSPC would be): one CheckpointError
+    naming the file, no temporary file left, the previous checkpoint intact."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1})
+    before = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(CheckpointError, match=r"cannot write checkpoint '.*checkpoint\.pt'"):
+            save_checkpoint(path, {"step": 2, "weights": torch.zeros(100_000)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
