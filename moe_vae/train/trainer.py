@@ -415,6 +415,10 @@ class Trainer:
             set_rng_state(per_rank[self.par.info.rank])
         elif same_world:
             set_rng_state(ckpt["rng"])
+        else:  # no saved stream is this rank's: a fresh one, not the run's first steps' again
+            torch.manual_seed(
+                (self.cfg.train.seed * 7919 + self.par.info.rank + 1) * 1_000_003 + self.step
+            )
 
     def _check_data_order(self, saved: dict[str, Any] | None) -> None:
         """Resuming mid-epoch skips the batches done; a loader ordered otherwise than when the

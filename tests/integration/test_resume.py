@@ -313,3 +313,33 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error_and_keeps_the_last(tmp
         signal.signal(signal.SIGXFSZ, old_handler)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_resume_on_another_world_size_draws_fresh_noise(tmp_path, monkeypatch, repo):
+    """A checkpoint of another world size holds no random stream for this rank: the resumed
+    rank draws one from (seed, rank, step), not the stream the run began with again."""
+    monkeypatch.chdir(repo)
+    from moe_vae.train.trainer import Trainer
+
+    res = train(
+        _cfg(
+            tmp_path,
+            "w",
+            "--train.checkpoint_every=2",
+            "--train.max_steps=4",
+            "--train.keep_checkpoints=2",
+        ),
+        quiet=True,
+    )
+    draws = {}
+    for step in (2, 4):
+        ckpt = torch.load(res.run_dir / "checkpoints" / f"step-{step:09d}.pt", weights_only=True)
+        ckpt["world_size"] = 2  # as if written by a 2-rank job
+        ckpt.pop("rng_per_rank", None)
+        torch.save(ckpt, tmp_path / f"two-{step}.pt")
+        Trainer(_cfg(tmp_path, f"r{step}", f"--train.resume={tmp_path / f'two-{step}.pt'}"))
+        draws[step] = torch.rand(4)
+    Trainer(_cfg(tmp_path, "fresh"))
+    fresh = torch.rand(4)
+    assert not torch.equal(draws[2], draws[4])
+    assert not torch.equal(draws[2], fresh) and not torch.equal(draws[4], fresh)
