@@ -124,19 +124,27 @@ class Parallel:
         return box[0]
 
     def on_main(self, fn: Callable[[], T]) -> T:
-        """fn() on rank 0 alone (the run directory, its files), its result on every rank. A
-        MoeVaeError it raises is raised on every rank, so none is left waiting in the next
-        collective to die of a closed connection; the command line has rank 0 report it."""
+        """fn() on rank 0 alone (the run directory, its files), its result on every rank. An
+        error it raises is raised on every rank, so none is left waiting in the next collective
+        (to die of a closed connection under gloo, or until NCCL's timeout): a MoeVaeError as
+        itself, which the command line has rank 0 report; anything else (a bug, an OSError
+        nobody foresaw) as itself on rank 0, with its traceback, and named on the others."""
         if self.info.world_size == 1:
             return fn()
         result: Any = None
-        error: MoeVaeError | None = None
+        error: Exception | None = None
         if self.is_main:
             try:
                 result = fn()
-            except MoeVaeError as err:
+            except Exception as err:
                 error = err
-        failed, value = self.broadcast((True, str(error)) if error else (False, result))
+        if error is None:
+            said = None
+        elif isinstance(error, MoeVaeError):
+            said = str(error)
+        else:
+            said = f"rank 0 failed ({type(error).__name__}: {error})"
+        failed, value = self.broadcast((True, said) if error else (False, result))
         if failed:
             raise error if error is not None else MoeVaeError(value)
         return value  # type: ignore[no-any-return]
