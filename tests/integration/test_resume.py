@@ -337,9 +337,11 @@ def test_resume_on_another_world_size_draws_fresh_noise(tmp_path, monkeypatch, r
         ckpt["world_size"] = 2  # as if written by a 2-rank job
         ckpt.pop("rng_per_rank", None)
         torch.save(ckpt, tmp_path / f"two-{step}.pt")
-        Trainer(_cfg(tmp_path, f"r{step}", f"--train.resume={tmp_path / f'two-{step}.pt'}"))
+        # No W&B: a run started and never finished would stay this process's active run.
+        resume = f"--train.resume={tmp_path / f'two-{step}.pt'}"
+        Trainer(_cfg(tmp_path, f"r{step}", resume, "--track.wandb=disabled"))
         draws[step] = torch.rand(4)
-    Trainer(_cfg(tmp_path, "fresh"))
+    Trainer(_cfg(tmp_path, "fresh", "--track.wandb=disabled"))
     fresh = torch.rand(4)
     assert not torch.equal(draws[2], draws[4])
     assert not torch.equal(draws[2], fresh) and not torch.equal(draws[4], fresh)
