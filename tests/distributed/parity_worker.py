@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top-k", type=int, default=0, help="0 = dense routing")
     ap.add_argument("--clip", type=float, default=0.0, help="optim.grad_clip (0: none)")
+    ap.add_argument("--precision", default="fp32", help="train.precision: fp32 or bf16")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -57,6 +58,7 @@ def main() -> int:
         "--optim.eps=1e-3",
         f"--parallel.deepspeed_config={args.zero_config}",
         f"--optim.grad_clip={args.clip}",
+        f"--train.precision={args.precision}",
     ]
     if args.ep_size:
         overrides.append(f"--parallel.ep_size={args.ep_size}")
@@ -104,6 +106,11 @@ def main() -> int:
         "world": world,
         "ep": par.ep.size,
     }
+    # bf16: DeepSpeed's bf16 weights and gradients against the fp32 reference (a few bf16
+    # steps of 2^-8 relative); fp32: rounding alone.
+    tol = dict(loss=1e-5, grad=1e-4, norm=1e-5, param=1e-4)
+    if args.precision == "bf16":
+        tol = dict(loss=2e-2, grad=5e-2, norm=2e-3, param=2e-2)
     ok = True
     for step in range(args.steps):
         step_box[0] = step
@@ -118,7 +125,7 @@ def main() -> int:
         global_loss = par.mean_over_ranks(terms.total.detach())
         diff = abs(global_loss.item() - ref_terms.total.item()) / abs(ref_terms.total.item())
         report["loss_diff"] = max(report["loss_diff"], diff)
-        ok &= diff < 1e-5
+        ok &= diff < tol["loss"]
         if step == 0 and engine.zero_optimization_stage() == 0:
             ref_params = dict(ref.named_parameters())
             for name, p in model.named_parameters():
@@ -126,15 +133,18 @@ def main() -> int:
                 want = ref_params[name].grad
                 d = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
                 report["grad_diff"] = max(report["grad_diff"], d)
-                ok &= d < 1e-4
+                ok &= d < tol["grad"]
         if args.clip:  # small enough to bind: the norms here are ~0.5 to 1
             ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), args.clip)
             assert ref_norm > 2 * args.clip, f"clip {args.clip} does not bind (norm {ref_norm})"
             if engine.zero_optimization_stage() == 0:  # the trainer's clip (DeepSpeed's above)
                 norm = par.clip_grad_norm(model, args.clip)
                 d = abs(norm.item() - ref_norm.item()) / ref_norm.item()
-                report["norm_diff"] = max(report.get("norm_diff", 0.0), d)
-                ok &= d < 1e-5
+                # bf16: from the same weights only (at step 0; bf16's updates then move them
+                # apart, and the norms by a few %).
+                if args.precision == "fp32" or step == 0:
+                    report["norm_diff"] = max(report.get("norm_diff", 0.0), d)
+                    ok &= d < tol["norm"]
         engine.step()
         ref_opt.step()
 
@@ -143,7 +153,7 @@ def main() -> int:
         got, want = full_param(name, p), ref_params[name].detach()
         d = (got - want).abs().max().item()
         report["param_diff"] = max(report["param_diff"], d)
-        ok &= d < 1e-4
+        ok &= d < tol["param"]
     report["ok"] = bool(ok)
     if rank == 0:
         with open(args.out, "w") as f:
