@@ -3,7 +3,10 @@
 Each top-level event of a profiled step falls in a phase by what torch itself names it: the
 autograd engine's `autograd::engine::evaluate_function: ...` are the backward, torch's
 `Optimizer.step#...` / `Optimizer.zero_grad#...` the optimizer, and the rest the forward, the
-loss and the finite check ("forward+other"). Per phase: host time, device time (GPU kernels
+loss and the finite check ("forward+other"). On a GPU the host's waits for the device (CUDA's
+`cuda*Synchronize` calls: the profiler's own after each step, a read-back such as `.cpu()`)
+are their own row, "host waits", taken out of the phase they happened in: there they would
+count the device's time as that phase's host cost. Per phase: host time, device time (GPU kernels
 launched under it) and the number of kernels: GPU kernels on a GPU, aten operator calls (each
 one at least one kernel) on a CPU. Launch-bound steps show many kernels of little device time.
 """
@@ -17,7 +20,7 @@ import torch
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, schedule
 
-PHASES = ("forward+other", "backward", "optimizer")
+PHASES = ("forward+other", "backward", "optimizer", "host waits")
 
 
 @dataclass
@@ -34,7 +37,14 @@ class StepProfile:
     phases: dict[str, Phase] = field(default_factory=lambda: {p: Phase() for p in PHASES})
 
 
+def is_wait(name: str) -> bool:
+    """A CUDA runtime call in which the host waits for the device."""
+    return name.startswith("cuda") and "Synchronize" in name
+
+
 def phase_of(name: str) -> str:
+    if is_wait(name):
+        return "host waits"
     if name.startswith("autograd::engine::evaluate_function"):
         return "backward"
     if name.startswith("Optimizer."):
@@ -60,8 +70,8 @@ def _kernels(event: FunctionEvent, on_gpu: bool) -> int:
 
 
 def profile_steps(
-    step: Callable[[torch.Tensor], torch.Tensor],
-    batches: Iterator[torch.Tensor],
+    step: Callable[[torch.Tensor | None], torch.Tensor],
+    batches: Iterator[torch.Tensor | None],
     steps: int,
     device: torch.device,
 ) -> StepProfile:
@@ -87,6 +97,10 @@ def profile_steps(
         if event is top:
             phase.host_ms += event.cpu_time_total / 1e3 / steps
             phase.device_ms += event.device_time_total / 1e3 / steps
+        elif is_wait(event.name):  # a wait inside an op (a read-back): moved to its own row
+            waited = event.cpu_time_total / 1e3 / steps
+            phase.host_ms -= waited
+            result.phases["host waits"].host_ms += waited
         phase.kernels += _kernels(event, on_gpu)
     for phase in result.phases.values():
         phase.kernels = round(phase.kernels / steps)

@@ -1,8 +1,13 @@
 """`moe-vae bench`: our training step against the naive port, in one process, same data.
 
-Ours is the trainer's real step (Trainer.train_step: forward through the dispatcher, backward,
-finite check, Adam) fed by our data path; the baseline is moe_vae.bench.naive fed by a standard
-DataLoader. Both first run `warmup` untimed steps; then `repeats` rounds alternate between them,
+Ours is the trainer's own step loop (Trainer._steps: our data path, forward through the
+dispatcher, backward, finite check, Adam, the epoch's sums; the whole recorded step under
+train.cuda_graph), with its read-back of the values every train.log_every steps; the baseline
+is moe_vae.bench.naive fed by a standard DataLoader (a per-sample collate and a host-to-device
+copy each step, where ours keeps small data on the device). Each runs under its own backend
+settings: ours as the trainer set them (train.tf32), the baseline as torch's defaults (fp32
+matmuls), whatever the other left behind. Both first run `warmup` untimed steps; then `repeats`
+rounds alternate between them,
 `steps` timed steps each, so a slow phase of a shared machine hits both; the median round
 counts. The table gives steps/s, samples/s, the time the whole recipe (train.epochs of the
 training set) would take at that rate, and the speed-up over the baseline. The last losses are
@@ -23,16 +28,28 @@ import torch
 from moe_vae.bench.naive import NaiveMixture
 from moe_vae.bench.profile import StepProfile, profile_steps
 from moe_vae.config.schema import Config
-from moe_vae.data.loaders import InMemoryLoader
-from moe_vae.evaluate.evaluator import to_inputs
+
+
+def backend_flags() -> dict[str, bool]:
+    """The process-wide matmul settings a contender runs under (TF32 on a GPU)."""
+    return {
+        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+    }
+
+
+def set_backend_flags(flags: dict[str, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = flags["matmul_tf32"]
+    torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
 
 
 @dataclass
 class Contender:
     name: str
-    step: Callable[[torch.Tensor], torch.Tensor]  # one training step, returns the loss
-    batches: Iterator[torch.Tensor]
+    step: Callable[[torch.Tensor | None], torch.Tensor]  # one training step, returns the loss
+    batches: Iterator[torch.Tensor | None]
     steps_per_epoch: int
+    flags: dict[str, bool] = field(default_factory=backend_flags)  # set before it runs
     rounds: list[float] = field(default_factory=list)  # seconds per step, one per round
     last_loss: float = float("nan")
 
@@ -84,25 +101,28 @@ def ours(cfg: Config, stack: ExitStack) -> tuple[Contender, torch.device]:
     if trainer.tracker is not None:
         stack.callback(trainer.tracker.finish)
     loader, device = trainer.data.train, trainer.device
-    epoch = iter(range(1, 10**9))
 
-    graph = trainer.step_graph  # train.cuda_graph: its steps take sample indices
+    def epochs() -> Iterator[tuple[torch.Tensor | None, bool]]:
+        for epoch in range(1, 10**9):  # the trainer's epochs, from their first batch
+            yield from trainer._steps(epoch)
 
-    def batches() -> Iterator[torch.Tensor]:
-        if graph is not None:
-            assert isinstance(loader, InMemoryLoader)  # the trainer checked
-            yield from loader.epoch_plan(next(epoch)).to(device)
-            return
-        for batch in loader.epoch_batches(next(epoch)):
-            yield to_inputs(batch.images.to(device, non_blocking=True))
+    loop, done = epochs(), [0]
 
-    def step(x: torch.Tensor) -> torch.Tensor:
-        if graph is not None:
-            return graph(x)[0]  # the step's total loss
-        terms, _, _ = trainer.train_step(x)
-        return terms.total.detach()
+    def step(_: torch.Tensor | None) -> torch.Tensor:
+        values, _stop = next(loop)  # its data, its step, its epoch sums (STEP_KEYS' values)
+        done[0] += 1
+        if values is None:  # a skipped non-finite step (host_sync=step)
+            return torch.tensor(float("nan"))
+        if done[0] % run_cfg.train.log_every == 0:  # where the trainer reads its values back
+            trainer._reconcile_skips()
+            values.tolist()
+        return values[0]  # loss/total
 
-    return Contender("moe-vae", step, _forever(batches), loader.steps_in_epoch(1)), device
+    def no_batches() -> Iterator[None]:  # the step loop draws its own data
+        while True:
+            yield None
+
+    return Contender("moe-vae", step, no_batches(), loader.steps_in_epoch(1)), device
 
 
 def naive(cfg: Config, device: torch.device) -> Contender:
@@ -134,7 +154,8 @@ def naive(cfg: Config, device: torch.device) -> Contender:
         for (xb,) in loader:
             yield xb.to(device)
 
-    def step(xb: torch.Tensor) -> torch.Tensor:
+    def step(xb: torch.Tensor | None) -> torch.Tensor:
+        assert xb is not None
         loss = model(xb)
         optim.zero_grad()
         loss.backward()
@@ -150,10 +171,12 @@ def measure(
     contenders: list[Contender], steps: int, warmup: int, repeats: int, device: torch.device
 ) -> None:
     for c in contenders:
+        set_backend_flags(c.flags)
         for _ in range(warmup):
             c.last_loss = float(c.step(next(c.batches)))
     for _ in range(repeats):
         for c in contenders:
+            set_backend_flags(c.flags)
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -168,9 +191,15 @@ def run_bench(
 ) -> tuple[list[BenchRow], torch.device, StepProfile | None]:
     """The timed rows, the device, and (profile > 0) a profile of that many of our steps."""
     with ExitStack() as stack:
+        defaults = backend_flags()  # torch's, before the trainer sets train.tf32's
+        stack.callback(set_backend_flags, defaults)
         mine, device = ours(cfg, stack)
-        contenders = [mine, naive(cfg, device)] if baseline else [mine]
+        contenders = [mine]
+        if baseline:
+            contenders.append(naive(cfg, device))
+            contenders[-1].flags = defaults  # the plain port: fp32 matmuls
         measure(contenders, steps, warmup, repeats, device)
+        set_backend_flags(mine.flags)
         report = profile_steps(mine.step, mine.batches, profile, device) if profile else None
     B, epochs = cfg.train.batch_size, cfg.train.epochs
     rows = [

@@ -11,6 +11,13 @@ def unsupported(cfg: Config) -> str | None:
     m = cfg.model
     if cfg.loss.choice_balancing_weight:
         return "the naive baseline has no choice-balancing term (loss.choice_balancing_weight)"
+    if cfg.loss.label_fraction or cfg.loss.labelled_keys or cfg.loss.labelled_batch:
+        return (
+            "the naive baseline is unsupervised "
+            "(loss.label_fraction, loss.labelled_keys, loss.labelled_batch)"
+        )
+    if cfg.warm_start.method != "none":
+        return f"the naive baseline has no warm start (warm_start.method={cfg.warm_start.method})"
     if cfg.data.name != "mnist":  # it reads the embedded MNIST: another dataset is another job
         return f"the naive baseline trains on MNIST only (data.name={cfg.data.name})"
     if m.hierarchy:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import moe_vae.bench.run as bench_run
 from moe_vae.bench.naive import NaiveMixture
 from moe_vae.config import load_config
 from moe_vae.model.losses import objective
@@ -92,25 +93,29 @@ def test_bench_profile_splits_the_step_into_phases(tmp_path):
     assert len(conv.stderr.strip().splitlines()) == 1
 
 
-def test_bench_runs_the_cuda_graph_step_on_sample_indices(tmp_path, monkeypatch):
-    """train.cuda_graph: the bench feeds the recorded step the epoch plan's index rows, as the
-    trainer does (on a CPU the step runs without a graph)."""
+@pytest.mark.parametrize("extra", [[], ["--train.host_sync=log", "--train.cuda_graph=true"]])
+def test_bench_times_the_trainers_own_step_loop(tmp_path, monkeypatch, extra):
+    """Ours in the bench is the trainer's step loop (its data, its step, its epoch sums; under
+    train.cuda_graph the recorded step, which runs without a graph on a CPU): its losses are a
+    trainer's first steps' loss/total, bit for bit. It timed train_step alone before, less
+    than a real step (no epoch sums), and fed it no label or warm-start term."""
     from contextlib import ExitStack
 
     from moe_vae.bench.run import ours
+    from moe_vae.train.trainer import Trainer
 
     monkeypatch.chdir(REPO)
-    cfg = load_config(
-        "configs/tiny.yaml",
-        [f"--output.dir={tmp_path}", "--train.host_sync=log", "--train.cuda_graph=true"],
-    )
+    cfg = load_config("configs/tiny.yaml", [f"--output.dir={tmp_path}", *extra])
     with ExitStack() as stack:
         mine, _ = ours(cfg, stack)
-        idx_B = next(mine.batches)
-        assert idx_B.dtype == torch.long and idx_B.shape == (cfg.train.batch_size,)
-        losses = [mine.step(next(mine.batches)) for _ in range(3)]
-    assert all(torch.isfinite(loss) for loss in losses)
-    assert len({float(loss) for loss in losses}) == 3  # three different batches and updates
+        losses = [float(mine.step(next(mine.batches))) for _ in range(3)]
+    solo = cfg.model_copy(update={"track": cfg.track.model_copy(update={"wandb": "disabled"})})
+    trainer = Trainer(
+        solo.model_copy(update={"output": solo.output.model_copy(update={"name": "t"})})
+    )
+    steps = trainer._steps(1)
+    expected = [float(next(steps)[0][0]) for _ in range(3)]
+    assert losses == expected and len(set(losses)) == 3
 
 
 @pytest.mark.parametrize(
@@ -119,6 +124,8 @@ def test_bench_runs_the_cuda_graph_step_on_sample_indices(tmp_path, monkeypatch)
         (["--data.name=shards", "--data.train_shards=x.tar"], r"MNIST only \(data\.name=shards\)"),
         (["--model.hierarchy=[2, 2]"], r"flat manager only \(model\.hierarchy=\[2, 2\]\)"),
         (["--model.routing=topk"], r"dense routing over MLP experts only"),
+        (["--loss.label_fraction=0.1"], r"naive baseline is unsupervised"),
+        (["--warm_start.method=cluster"], r"no warm start \(warm_start\.method=cluster\)"),
     ],
 )
 def test_the_baseline_refuses_configs_it_would_not_run_alike(extra, reason):
@@ -130,3 +137,32 @@ def test_the_baseline_refuses_configs_it_would_not_run_alike(extra, reason):
     message = unsupported(load_config(None, extra))
     assert message is not None
     assert re.search(reason, message), message
+
+
+def test_each_contender_runs_under_its_own_matmul_settings(tmp_path, monkeypatch):
+    """The trainer sets TF32 process-wide (train.tf32): the baseline, built after it, ran its
+    matmuls in TF32 too. Each contender now runs under its own flags, and run_bench leaves the
+    process's as it found them."""
+    from moe_vae.bench.run import backend_flags, run_bench
+
+    monkeypatch.chdir(REPO)
+    seen: dict[str, set[bool]] = {}
+    real_naive = bench_run.naive
+
+    def watched_naive(cfg, device):
+        contender = real_naive(cfg, device)
+        inner = contender.step
+
+        def step(x):
+            seen.setdefault("naive", set()).add(torch.backends.cuda.matmul.allow_tf32)
+            return inner(x)
+
+        contender.step = step
+        return contender
+
+    monkeypatch.setattr(bench_run, "naive", watched_naive)
+    before = backend_flags()
+    cfg = load_config("configs/tiny.yaml", [f"--output.dir={tmp_path}", "--train.tf32=true"])
+    rows, _, _ = run_bench(cfg, steps=2, warmup=1, repeats=2, baseline=True)
+    assert seen["naive"] == {False} and [r.name for r in rows] == ["moe-vae", "naive loop"]
+    assert backend_flags() == before
