@@ -132,11 +132,16 @@ part_topk_levers() {
   done
 }
 
-part_scaling() {  # the inputs of benchmarks/scaling_model.py: 256 experts, dense and top-1
+part_scaling() {  # the inputs of benchmarks/scaling_model.py: 256 experts, dense and top-1,
+  # at batch 4096 and 1024 (two batch sizes give the step's fixed cost: --ref-small-*)
   step scaling_dense "${MV[@]}" bench --no-baseline --steps 50 --repeats 3 "${MANY[@]}" \
     "${GRAPH[@]}"
   step scaling_top1 "${MV[@]}" bench --no-baseline --steps 100 --repeats 3 "${MANY[@]}" \
     "${TOP1[@]}" --model.expert_gemm=batched "${GRAPH[@]}"
+  step scaling_dense_b1024 "${MV[@]}" bench --no-baseline --steps 100 --repeats 3 "${MANY[@]}" \
+    "${GRAPH[@]}" --train.batch_size=1024
+  step scaling_top1_b1024 "${MV[@]}" bench --no-baseline --steps 100 --repeats 3 "${MANY[@]}" \
+    "${TOP1[@]}" --model.expert_gemm=batched "${GRAPH[@]}" --train.batch_size=1024
 }
 
 for part in "${PARTS[@]}"; do

@@ -4,8 +4,12 @@ and top-k routing on many GPUs, and the expert count beyond which dense routing 
 NOTHING HERE IS MEASURED. Device figures are inputs; the defaults are assumptions, printed as
 such. A GPU session replaces them and reruns this: --ref-samples-per-s (`moe-vae bench`, one GPU,
 dense, --ref-experts, --batch) replaces --achieved-tflops; --ref-topk-samples-per-s (the same,
-model.routing=topk) replaces --topk-efficiency; nccl-tests alltoall_perf within a node and
-across nodes gives --nvlink-gbs, --ib-gbs, --latency-us.
+model.routing=topk) replaces --topk-efficiency; the same two at a second, smaller batch
+(--ref-small-batch, --ref-small-samples-per-s, --ref-small-topk-samples-per-s) replace the fixed
+costs --overhead-ms and --topk-overhead-ms: a step takes fixed + per-input x batch, so two
+batches give the fixed part, of which the weights' HBM traffic is modelled and the rest is
+overhead; nccl-tests alltoall_perf within a node and across nodes gives --nvlink-gbs, --ib-gbs,
+--latency-us.
 
 Per GPU and step, fp32, expert shape of configs/many_experts.yaml unless flags say otherwise.
 FLOPs: manager on the rank's B inputs, experts on their (input, expert) pairs, x3 for forward +
@@ -33,7 +37,7 @@ WEIGHT_TRAFFIC = 4 + 4 + 4 + 16 + 12
 Buffer = tuple[str, int, bool]  # a collective: (kind, send buffer bytes, in backward)
 # (flag, default, help): the device and network figures, all ASSUMED until measured.
 ASSUMED = [
-    ("achieved-tflops", 10.0, "fp32 FLOP/s of the step's kernels, TF32 off (tiny experts)"),
+    ("achieved-tflops", 10.0, "FLOP/s of the step's kernels (tiny experts; TF32 in the suite)"),
     ("topk-efficiency", 0.5, "top-k experts' FLOP rate relative to dense's"),
     ("topk-overhead-ms", 0.2, "top-k's plan/pack/unpack kernels per step"),
     ("overhead-ms", 0.3, "launches and Python per step"),
@@ -170,10 +174,47 @@ def best_step(a: argparse.Namespace, routing: str, gpus: int, E: int, B: int) ->
     return min(fitting or steps, key=lambda s: s.seconds if fitting else s.memory_bytes)
 
 
+def fixed_seconds(
+    batch: int, samples_per_s: float, small: int, small_samples_per_s: float
+) -> float:
+    """The part of a step's time that does not grow with the batch, from the step at two
+    batch sizes (t = fixed + per-input x B)."""
+    t, t_small = batch / samples_per_s, small / small_samples_per_s
+    return t - (t - t_small) / (batch - small) * batch
+
+
+def calibrate_fixed(a: argparse.Namespace) -> None:
+    """--overhead-ms (and --topk-overhead-ms) from the reference runs at two batch sizes: the
+    fixed part of the step less the modelled weight traffic."""
+    if not (a.ref_small_batch and a.ref_small_samples_per_s and a.ref_samples_per_s):
+        return
+    if not 0 < a.ref_small_batch < a.batch:
+        raise SystemExit(f"--ref-small-batch must lie between 0 and --batch ({a.batch})")
+    a.overhead_ms = a.topk_overhead_ms = 0.0
+    traffic = step(a, "dense", 1, a.ref_experts, 1, a.batch).other_s  # weights' bytes alone
+    fixed = fixed_seconds(
+        a.batch, a.ref_samples_per_s, a.ref_small_batch, a.ref_small_samples_per_s
+    )
+    a.overhead_ms = (fixed - traffic) * 1e3
+    if a.ref_topk_samples_per_s and a.ref_small_topk_samples_per_s:
+        fixed_topk = fixed_seconds(
+            a.batch, a.ref_topk_samples_per_s, a.ref_small_batch, a.ref_small_topk_samples_per_s
+        )
+        a.topk_overhead_ms = (fixed_topk - traffic) * 1e3 - a.overhead_ms
+    if a.overhead_ms < 0 or a.topk_overhead_ms < 0:
+        raise SystemExit(
+            f"the two batch sizes give a fixed cost below the modelled weight traffic "
+            f"(overhead {a.overhead_ms:.3f} ms, top-k's {a.topk_overhead_ms:.3f} ms): check the "
+            f"reference runs (same experts, whole-step graph) or --hbm-gbs"
+        )
+
+
 def calibrate(a: argparse.Namespace) -> None:
     """Sets a.rate (FLOP/s) and a.eff (top-k efficiency); from measured single-GPU samples/s
-    when given: one GPU's step is compute + other, solved for the unknown."""
+    when given: one GPU's step is compute + other, solved for the unknown (the fixed costs
+    first, when a second batch size was measured)."""
     a.rate, a.eff = a.achieved_tflops * 1e12, a.topk_efficiency
+    calibrate_fixed(a)
     if a.ref_samples_per_s:
         s = step(a, "dense", 1, a.ref_experts, 1, a.batch)
         a.rate *= s.compute_s / (a.batch / a.ref_samples_per_s - s.other_s)
@@ -214,6 +255,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--ref-experts", type=int, default=256, help="experts of the reference runs")
     add("--ref-samples-per-s", type=float, help="MEASURED: moe-vae bench, 1 GPU, dense")
     add("--ref-topk-samples-per-s", type=float, help="MEASURED: the same, model.routing=topk")
+    add("--ref-small-batch", type=int, help="the batch of the two runs below (< --batch)")
+    add("--ref-small-samples-per-s", type=float, help="MEASURED: dense at --ref-small-batch")
+    add("--ref-small-topk-samples-per-s", type=float, help="MEASURED: top-k at --ref-small-batch")
     for flag, default, text in ASSUMED:
         add(f"--{flag}", type=type(default), default=default, help=f"ASSUMED: {text}")
     a = p.parse_args(argv)
@@ -242,10 +286,15 @@ def row(a: argparse.Namespace, gpus: int, E: int, s: Step) -> str:
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
     print("Inputs (ASSUMED: the default, not measured; given: set on the command line):")
+    two_batches = ("overhead-ms", "topk-overhead-ms") if a.ref_small_batch else ()
     for flag, default, _ in ASSUMED:
         value = getattr(a, flag.replace("-", "_"))
-        print(f"- {flag} = {value} ({'ASSUMED' if value == default else 'given'})")
-    for ref in ("ref-samples-per-s", "ref-topk-samples-per-s"):
+        said = "ASSUMED" if value == default else "given"
+        if flag in two_batches:
+            value, said = round(value, 4), "MEASURED: from the runs at two batch sizes"
+        print(f"- {flag} = {value} ({said})")
+    refs = ("ref-samples-per-s", "ref-topk-samples-per-s", "ref-small-batch")
+    for ref in (*refs, "ref-small-samples-per-s", "ref-small-topk-samples-per-s"):
         print(f"- {ref} = {getattr(a, ref.replace('-', '_'))} (MEASURED when set)")
     print(f"- used: {a.rate / 1e12:.2f} TFLOP/s, top-k efficiency {a.eff:.2f}, batch {a.batch}\n")
     head = "GPUs|experts|routing|ep|samples/s total|samples/s per GPU|step ms (compute + comm + "

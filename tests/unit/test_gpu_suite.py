@@ -48,7 +48,7 @@ def test_every_step_resolves_its_config(tmp_path):
     proc = _suite(tmp_path, f'exec "{real}" "$@" --print-config', *PARTS)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = _summary(tmp_path)
-    assert len(summary) == 27
+    assert len(summary) == 29
     # Every step resolved its config; the comparison found no finished runs and said so.
     assert summary.pop("compare") == 2
     assert summary == dict.fromkeys(summary, 0), proc.stdout[-3000:]
@@ -64,6 +64,7 @@ def test_every_step_resolves_its_config(tmp_path):
     assert "stochastic bf16, compiled" in (out / "bf16_adam.txt").read_text()
     assert "batch_size: 16384" in (out / "topk_1024_batch16k.txt").read_text()
     assert "cuda_graph: true" in (out / "train_graph.txt").read_text()
+    assert "batch_size: 1024" in (out / "scaling_top1_b1024.txt").read_text()
 
 
 def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path):

@@ -149,6 +149,38 @@ def test_calibration_recovers_the_rate_it_was_given():
     assert b.rate == pytest.approx(7e12) and b.eff == pytest.approx(0.3)
 
 
+def test_fixed_costs_come_from_two_batch_sizes():
+    """Steps at two batch sizes give the fixed cost per step (the suite's graph runs have
+    little launch overhead, which the assumed 0.3 + 0.2 ms would have charged them); the rate
+    and efficiency then calibrate on top of it."""
+    truth = ["--overhead-ms", "0.05", "--topk-overhead-ms", "0.03"]
+    a = sm.parse([*truth, "--achieved-tflops", "7", "--topk-efficiency", "0.3"])
+    sps = {
+        (routing, B): B / sm.step(a, routing, 1, a.ref_experts, 1, B).seconds
+        for routing in ("dense", "topk")
+        for B in (a.batch, 1024)
+    }
+    b = sm.parse(
+        [
+            *("--ref-samples-per-s", str(sps["dense", a.batch])),
+            *("--ref-topk-samples-per-s", str(sps["topk", a.batch])),
+            *("--ref-small-batch", "1024"),
+            *("--ref-small-samples-per-s", str(sps["dense", 1024])),
+            *("--ref-small-topk-samples-per-s", str(sps["topk", 1024])),
+        ]
+    )
+    assert b.overhead_ms == pytest.approx(0.05) and b.topk_overhead_ms == pytest.approx(0.03)
+    assert b.rate == pytest.approx(7e12) and b.eff == pytest.approx(0.3)
+    with pytest.raises(SystemExit, match="below the modelled weight traffic"):
+        sm.parse(
+            [
+                *("--ref-samples-per-s", str(sps["dense", a.batch])),
+                *("--ref-small-batch", "1024"),
+                *("--ref-small-samples-per-s", str(sps["dense", a.batch])),  # no fixed part
+            ]
+        )
+
+
 def test_crossover_exists_and_moves_with_batch_and_topk_cost():
     a = sm.parse([])
     found = {B: sm.crossover(a, 64, B) for B in (256, 4096)}
