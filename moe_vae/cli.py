@@ -407,6 +407,15 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
         raise MoeVaeError(f"{reason}: pass --no-baseline")
     if args.profile < 0:
         raise MoeVaeError(f"--profile {args.profile}: expected 0 (none) or a number of steps")
+    if args.warmup < 0:
+        raise MoeVaeError(f"--warmup {args.warmup}: expected 0 or more untimed steps")
+    if args.warmup < 4 and (cfg.train.cuda_graph or cfg.train.compile != "none"):
+        # StepGraph records at the 4th call, compilation and reduce-overhead's graphs earlier:
+        # within the warm-up, not inside a timed round.
+        raise MoeVaeError(
+            f"--warmup {args.warmup}: expected at least 4 with train.cuda_graph or "
+            "train.compile (the step is compiled and recorded during its first 4 calls)"
+        )
     if args.print_config:  # before torch is imported (the GPU suite's checks run many)
         print(config_to_yaml(cfg), end="")
         return 0

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ import torch
 from torch import nn
 
 import moe_vae.bench.run as bench_run
+from moe_vae import cli
 from moe_vae.bench.naive import NaiveMixture
+from moe_vae.bench.run import BenchRow, format_table
 from moe_vae.config import load_config
 from moe_vae.model.losses import objective
 from moe_vae.model.mixture import MixtureOfVAEs
@@ -166,3 +169,33 @@ def test_each_contender_runs_under_its_own_matmul_settings(tmp_path, monkeypatch
     rows, _, _ = run_bench(cfg, steps=2, warmup=1, repeats=2, baseline=True)
     assert seen["naive"] == {False} and [r.name for r in rows] == ["moe-vae", "naive loop"]
     assert backend_flags() == before
+
+
+def test_speedup_is_the_median_of_each_rounds_ratio():
+    """Rounds run back to back in pairs: a slow phase of the machine lands in one pair, and
+    the median of the pairs' ratios leaves it out (the ratio of the two medians mixes rounds
+    run at different times: here 2.0 where every round but one says at most 1)."""
+    rows = [
+        BenchRow(name, statistics.median(r), 100, 600, 100, 0.0, torch.device("cpu"), r)
+        for name, r in (("moe-vae", [1.0, 1.0, 4.0]), ("naive loop", [1.0, 4.0, 2.0]))
+    ]
+    assert rows[0].speedup_over(rows[1]) == 1.0
+    assert "1.00x" in format_table(rows, "cpu", 3).splitlines()[2]
+
+
+@pytest.mark.parametrize("extra", [["--train.compile=default"], ["--train.cuda_graph=true"]])
+def test_a_warmup_too_short_for_compiling_or_recording_is_refused(capsys, extra):
+    code = cli.main(
+        [
+            "bench",
+            "--config",
+            "configs/tiny.yaml",
+            "--warmup=3",
+            "--print-config",
+            "--train.host_sync=log",
+            *extra,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "--warmup 3: expected at least 4" in err
+    assert len(err.strip().splitlines()) == 1
