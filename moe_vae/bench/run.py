@@ -16,6 +16,7 @@ a sanity check (same math, so similar values; single-sample ELBO estimates, not 
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 import time
@@ -124,11 +125,8 @@ def ours(cfg: Config, stack: ExitStack) -> tuple[Contender, torch.device]:
             values.tolist()
         return values[0]  # loss/total
 
-    def no_batches() -> Iterator[None]:  # the step loop draws its own data
-        while True:
-            yield None
-
-    return Contender("moe-vae", step, no_batches(), loader.steps_in_epoch(1)), device
+    # No batches to hand it: the step loop draws its own data.
+    return Contender("moe-vae", step, itertools.repeat(None), loader.steps_in_epoch(1)), device
 
 
 def naive(cfg: Config, device: torch.device) -> Contender:

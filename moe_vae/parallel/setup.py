@@ -74,26 +74,24 @@ class Parallel:
     def clip_grad_norm(self, model: MixtureOfVAEs, max_norm: float) -> torch.Tensor:
         """Scales every gradient so that the whole model's gradient (all experts, every rank's
         shard) has norm at most `max_norm`, as torch's clip_grad_norm_ would in one process;
-        returns that norm. Expert shards' squared norms are summed over the expert-parallel
-        group; the replicated parameters' gradients are alike on every rank, counted once.
+        returns that norm (on the device: no host sync). Without expert shards it is torch's
+        clip_grad_norm_; with them, their squared norms are summed over the expert-parallel
+        group, and the replicated parameters' gradients, alike on every rank, counted once.
         (DeepSpeed's ZeRO 0 clipping averages each rank's norm instead, and its bf16 optimizer
         there leaves the experts out.)"""
+        if self.ep is None or self.ep.size == 1:
+            return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        sharded = self.ep is not None and self.ep.size > 1
 
         def squares(names: list[str]) -> torch.Tensor:
             sq = [grads[n].detach().float().pow(2).sum() for n in names]
             return torch.stack(sq).sum() if sq else torch.zeros((), device=self.info.device)
 
-        experts = [n for n in grads if sharded and n.startswith(EXPERT_PREFIX)]
-        total = squares([n for n in grads if n not in experts])
-        if sharded:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
-            expert_sq = squares(experts)
-            dist.all_reduce(expert_sq, group=self.ep.group)  # type: ignore[union-attr]
-            total = total + expert_sq
-        norm = total.sqrt()
+        expert_sq = squares([n for n in grads if n.startswith(EXPERT_PREFIX)])
+        dist.all_reduce(expert_sq, group=self.ep.group)
+        norm = (squares([n for n in grads if not n.startswith(EXPERT_PREFIX)]) + expert_sq).sqrt()
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads.values():
             g.mul_(scale.to(g.dtype))

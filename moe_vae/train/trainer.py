@@ -674,13 +674,11 @@ class Trainer:
             for p in self.model.parameters():
                 p.grad = None
             return terms, False, stop
+        if cfg.optim.grad_clip:  # (under ZeRO 1/2 DeepSpeed clips, in _engine_checked_step)
+            self.par.clip_grad_norm(self.model, cfg.optim.grad_clip)
         if self.engine is not None:
-            if cfg.optim.grad_clip:  # ZeRO 0 (DeepSpeed clips under 1 and 2)
-                self.par.clip_grad_norm(self.model, cfg.optim.grad_clip)
             self.engine.step()
         else:
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             self.optim.step()
         return self._usage(terms), True, stop
 
@@ -689,7 +687,7 @@ class Trainer:
         its step count) where found_inf (`bad`) is 1; the skip is counted on the device and
         reported by _reconcile_skips."""
         if self.cfg.optim.grad_clip:  # the norm stays on the device
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self.par.clip_grad_norm(self.model, self.cfg.optim.grad_clip)
         self.optim.found_inf = bad  # type: ignore[union-attr]
         self.optim.step()
         self.skips_dev[0] += bad
